@@ -34,7 +34,8 @@ class CNN(nn.Module):
     hidden: int = 128
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def __call__(self, images: jax.Array, return_features: bool = False):
+        """Return logits (B, num_classes), or (logits, features (B, hidden)) if asked."""
         x = images
         for width in self.features:
             x = nn.Conv(width, (3, 3))(x)
@@ -42,8 +43,9 @@ class CNN(nn.Module):
             x = nn.relu(x)
             x = nn.avg_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))
-        x = nn.relu(nn.Dense(self.hidden)(x))
-        return nn.Dense(self.num_classes)(x)
+        features = nn.relu(nn.Dense(self.hidden)(x))
+        logits = nn.Dense(self.num_classes)(features)
+        return (logits, features) if return_features else logits
 
 
 class _WideBlock(nn.Module):

@@ -16,4 +16,11 @@ def get_family(name: str) -> GeneratorFamily:
     return GENERATORS[name]
 
 
-__all__ = ["GENERATORS", "FitResult", "GeneratorFamily", "PrivacySpec", "get_family", "resolve_config"]
+__all__ = [
+    "GENERATORS",
+    "FitResult",
+    "GeneratorFamily",
+    "PrivacySpec",
+    "get_family",
+    "resolve_config",
+]
