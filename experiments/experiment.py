@@ -1,0 +1,195 @@
+"""Run one experiment: every pipeline variant on the target and shadow masks, then the attacks.
+
+`run(config, workdir)` is what the command line and the tests call. The run folder gets:
+  config.json            the configuration and its fingerprint
+  signals/NAME/M.npz     what an attacker observes of pipeline NAME on mask M (0 = target)
+  ledgers/NAME.json      the privacy ledger of each private target release
+  metrics.json           one record per released artefact
+  report.md, *.png       the results table, ROC curves and sample grids
+A finished (variant, mask) pair is never recomputed when resuming.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import zlib
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from experiments.config import ExperimentConfig
+from ppds_jax import classifier, datasets, evaluation, membership, plots, report
+from ppds_jax.pipeline import PipelineSpec, collect_signals, run_pipeline
+
+log = logging.getLogger("ppds_jax.experiment")
+
+
+class RunFolderError(ValueError):
+    """The output folder cannot be used for this run as requested."""
+
+
+def prepare_workdir(config: ExperimentConfig, workdir: Path, *, resume: bool) -> None:
+    """Create the run folder, or check that an existing one may be reused.
+
+    Raises:
+      RunFolderError: the folder holds a run with another config, or a finished run and
+        `resume` is False. Nothing in the folder is changed in either case.
+    """
+    config_path = workdir / "config.json"
+    if config_path.exists():
+        saved = json.loads(config_path.read_text())
+        if saved.get("fingerprint") != config.fingerprint():
+            raise RunFolderError(
+                f"{workdir} holds a run with another configuration (fingerprint "
+                f"{saved.get('fingerprint')} != {config.fingerprint()}); choose another --out"
+            )
+        if not resume:
+            raise RunFolderError(
+                f"{workdir} already holds a run of this configuration; pass --resume to "
+                "finish or reuse it, or choose another --out"
+            )
+    elif workdir.exists() and any(workdir.iterdir()):
+        raise RunFolderError(
+            f"{workdir} is not empty and holds no ppds_jax run; choose another --out"
+        )
+    workdir.mkdir(parents=True, exist_ok=True)
+    record = {"fingerprint": config.fingerprint(), "config": config.to_dict()}
+    _write_json_atomically(config_path, record)
+
+
+def _write_json_atomically(path: Path, value) -> None:
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(value, indent=2, sort_keys=True))
+    os.replace(temporary, path)
+
+
+def _save_npz_atomically(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp.npz")
+    np.savez(temporary, **arrays)
+    os.replace(temporary, path)
+
+
+def _pipeline_key(seed: int, spec: PipelineSpec, mask_index: int):
+    # Keys depend on the variant's name, not its position, so adding a variant to a config
+    # leaves the others' results unchanged.
+    key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(spec.name.encode()) & 0x7FFFFFFF)
+    return jax.random.fold_in(key, mask_index)
+
+
+def run(config: ExperimentConfig, workdir, *, resume: bool = False, progress: bool = True):
+    """Run the experiment into `workdir` and return the metrics records.
+
+    Raises:
+      RunFolderError: see `prepare_workdir`.
+    """
+    workdir = Path(workdir)
+    prepare_workdir(config, workdir, resume=resume)
+    started = time.perf_counter()
+    log.info("experiment %s into %s on %s", config.fingerprint(), workdir, jax.devices())
+
+    data = datasets.load_dataset(
+        config.dataset,
+        data_dir=config.data_dir,
+        train_size=config.pool_size,
+        test_size=config.test_size,
+        seed=config.seed,
+    )
+    pool_images, pool_labels = data.train_images, data.train_labels
+    target_mask, shadow_masks = membership.membership_masks(
+        seed=config.seed,
+        pool_size=len(pool_images),
+        num_shadows=config.num_shadows,
+        inclusion_prob=config.inclusion_prob,
+    )
+    masks = np.concatenate([target_mask[None], shadow_masks])
+    public_size = membership.expected_member_count(len(pool_images), config.inclusion_prob)
+    log.info(
+        "%s: pool %d, test %d, %d shadows, public dataset size %d",
+        data.name,
+        len(pool_images),
+        len(data.test_images),
+        config.num_shadows,
+        public_size,
+    )
+
+    timings = {}
+    jobs = [(spec, m) for spec in config.pipelines for m in range(len(masks))]
+    bar = tqdm(jobs, desc="pipelines", disable=not progress, unit="run")
+    for spec, mask_index in bar:
+        path = workdir / "signals" / spec.name / f"{mask_index}.npz"
+        if path.exists():
+            continue
+        bar.set_postfix_str(f"{spec.name} mask {mask_index}")
+        tic = time.perf_counter()
+        key = _pipeline_key(config.seed, spec, mask_index)
+        pipeline_key, signal_key = jax.random.split(key)
+        mask = masks[mask_index]
+        output = run_pipeline(
+            pipeline_key,
+            pool_images[mask],
+            pool_labels[mask],
+            spec=spec,
+            num_classes=data.num_classes,
+            public_dataset_size=public_size,
+            target_delta=config.target_delta,
+            l2_norm_clip=config.l2_norm_clip,
+            progress=False,
+        )
+        signals = collect_signals(signal_key, output, pool_images, pool_labels)
+        result = output.classifier
+        accuracy = classifier.accuracy_of(
+            result.params, result.config, data.num_classes, data.test_images, data.test_labels
+        )
+        if mask_index == 0:
+            _save_target_artefacts(workdir, spec, output, config.target_delta, data.class_names)
+        _save_npz_atomically(path, test_accuracy=np.float32(accuracy), **signals)
+        timings.setdefault(spec.name, []).append(time.perf_counter() - tic)
+
+    records, curves = evaluation.evaluate_experiment(
+        workdir=workdir,
+        pipelines=config.pipelines,
+        masks=masks,
+        pool_labels=pool_labels,
+        target_delta=config.target_delta,
+    )
+    _write_json_atomically(workdir / "metrics.json", records)
+    seconds = time.perf_counter() - started
+    report_path = report.write_report(
+        workdir,
+        config=config.to_dict(),
+        records=records,
+        curves=curves,
+        facts={
+            "dataset": data.name,
+            "pool_size": len(pool_images),
+            "test_size": len(data.test_images),
+            "public_dataset_size": public_size,
+            "num_shadows": config.num_shadows,
+            "seconds": round(seconds, 1),
+            "seconds_per_pipeline": {k: round(float(np.median(v)), 1) for k, v in timings.items()},
+        },
+    )
+    log.info("finished in %.0f s; report: %s", seconds, report_path)
+    return records
+
+
+def _save_target_artefacts(workdir: Path, spec, output, target_delta, class_names) -> None:
+    if output.ledger is not None:
+        (workdir / "ledgers").mkdir(exist_ok=True)
+        _write_json_atomically(
+            workdir / "ledgers" / f"{spec.name}.json", output.ledger.to_dict(target_delta)
+        )
+    if output.synthetic_images is not None:
+        plots.sample_grid(
+            output.synthetic_images,
+            output.synthetic_labels,
+            class_names=class_names,
+            path=workdir / f"samples_{spec.name}.png",
+            title=f"{spec.name}: synthetic samples per class",
+        )

@@ -1,0 +1,148 @@
+"""Markdown report of one experiment: results table, ledgers, ROC curves and sample grids."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ppds_jax import plots
+
+
+def _format(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if np.isinf(value):
+            return "inf"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def strongest_attack(record: Mapping) -> str | None:
+    """Name of the attack with the highest TPR at 0.1% FPR (ties broken by AUC)."""
+    attacks = record.get("mia") or {}
+    if not attacks:
+        return None
+    return max(attacks, key=lambda name: (attacks[name]["tpr_at_fpr_0.001"], attacks[name]["auc"]))
+
+
+def results_table(records: Sequence[Mapping]) -> str:
+    """Markdown table with one row per released artefact and its strongest attack."""
+    lines = [
+        "| pipeline | release | generator | epsilon | delta | test accuracy | strongest attack "
+        "| AUC | TPR@0.1%FPR | TPR@1%FPR |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for record in records:
+        name = strongest_attack(record)
+        attack = record["mia"][name] if name else {}
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    record["pipeline"],
+                    record["release"],
+                    record["generator"] or "-",
+                    _format(record["epsilon"], 2),
+                    _format(record["delta"], 8) if record["delta"] else "-",
+                    _format(record["test_accuracy"]),
+                    name or "-",
+                    _format(attack.get("auc")),
+                    _format(attack.get("tpr_at_fpr_0.001"), 4),
+                    _format(attack.get("tpr_at_fpr_0.01"), 4),
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def attacks_table(records: Sequence[Mapping]) -> str:
+    """Markdown table with every attack on every release."""
+    lines = [
+        "| pipeline | release | attack | AUC | balanced accuracy | TPR@0.1%FPR | TPR@1%FPR |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for record in records:
+        for name, attack in (record.get("mia") or {}).items():
+            lines.append(
+                f"| {record['pipeline']} | {record['release']} | {name} | "
+                f"{_format(attack['auc'])} | {_format(attack['balanced_accuracy'])} | "
+                f"{_format(attack['tpr_at_fpr_0.001'], 4)} | {_format(attack['tpr_at_fpr_0.01'], 4)} |"
+            )
+    return "\n".join(lines)
+
+
+def write_report(
+    workdir,
+    *,
+    config: Mapping,
+    records: Sequence[Mapping],
+    facts: Mapping,
+    curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]] | None = None,
+) -> Path:
+    """Write `report.md` (and its ROC figures) into `workdir` and return its path.
+
+    Args:
+      config: the experiment configuration, as written to config.json.
+      records: the metrics records, as written to metrics.json.
+      facts: run facts to state (dataset, sizes, timings).
+      curves: release label -> attack name -> (fpr, tpr), plotted one figure per release.
+    """
+    workdir = Path(workdir)
+    sections = [
+        "# ppds_jax experiment report",
+        "",
+        config.get("description") or "",
+        "",
+        "## Set-up",
+        "",
+        "\n".join(f"- {key}: {json.dumps(value)}" for key, value in facts.items()),
+        "",
+        "Membership: each pool example joins the target and each shadow pipeline with "
+        f"probability {config.get('inclusion_prob')}. Attacks see only released artefacts and "
+        "the shadow pipelines; test accuracy is measured on the real test split, which no "
+        "choice in the pipeline reads.",
+        "",
+        "## Results",
+        "",
+        "Strongest attack per release, chosen by TPR at 0.1% FPR. TPR at a target FPR is the "
+        "TPR of the last ROC point whose FPR does not exceed the target.",
+        "",
+        results_table(records),
+        "",
+        "## Every attack",
+        "",
+        attacks_table(records),
+        "",
+    ]
+    private = [r for r in records if r["epsilon"] is not None]
+    if private:
+        sections += ["## Privacy ledgers", ""]
+        for record in private:
+            ledger = record.get("ledger") or {}
+            sections.append(
+                f"- {record['pipeline']} ({record['release']}): epsilon "
+                f"{_format(ledger.get('epsilon_pld'))} (PLD), {_format(ledger.get('epsilon_rdp'))} "
+                f"(RDP) at delta {record['delta']:g}; ledger: `ledgers/{record['pipeline']}.json`"
+            )
+        sections.append("")
+    if curves:
+        sections += ["## ROC curves", ""]
+        for label, attack_curves in curves.items():
+            path = plots.roc_curves(
+                attack_curves, path=workdir / f"roc_{label}.png", title=f"ROC: {label}"
+            )
+            sections.append(f"![ROC {label}]({path.name})")
+        sections.append("")
+    grids = sorted(workdir.glob("samples_*.png"))
+    if grids:
+        sections += ["## Synthetic samples", ""]
+        sections += [f"![{path.stem}]({path.name})" for path in grids]
+        sections.append("")
+    path = workdir / "report.md"
+    path.write_text("\n".join(sections))
+    return path
