@@ -19,6 +19,8 @@ class ExperimentConfig:
       pool_size: number of training-split examples that can be members (a seeded subset of the
         training split); None uses the whole split.
       test_size: number of test-split examples used for accuracy; None uses the whole split.
+      population_size: real non-member examples the attacker holds (RMIA's population samples,
+        DOMIAS's reference set), taken from outside the pool.
       num_shadows: shadow pipelines per variant; LiRA online needs at least 2.
       seed: seed of the pool subset, membership masks and every PRNG key.
       target_delta: delta of every private release.
@@ -33,6 +35,7 @@ class ExperimentConfig:
     pipelines: tuple[PipelineSpec, ...]
     pool_size: int | None = None
     test_size: int | None = None
+    population_size: int = 1000
     num_shadows: int = 4
     seed: int = 0
     target_delta: float = 1e-5

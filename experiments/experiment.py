@@ -75,6 +75,39 @@ def _save_npz_atomically(path: Path, **arrays) -> None:
     os.replace(temporary, path)
 
 
+def split_pool(data: datasets.Dataset, config: ExperimentConfig):
+    """Split the training split into the membership pool and the attacker's population data.
+
+    The pool is a stratified subset of `config.pool_size` training examples chosen by the seed.
+    The population is up to `config.population_size` of the remaining training examples, which
+    no pipeline trains on. When the pool is the whole training split, the population comes
+    from the test split instead; the attacker only queries it, so no choice reads it.
+
+    Returns:
+      ((pool_images, pool_labels), (population_images, population_labels)).
+    """
+    train_size = len(data.train_labels)
+    pool_size = config.pool_size or train_size
+    if pool_size > train_size:
+        raise ValueError(
+            f"pool_size={pool_size} exceeds the {train_size} training examples of {data.name}"
+        )
+    rng = np.random.default_rng([config.seed, 1])
+    if pool_size < train_size:
+        pool_index = datasets.stratified_indices(
+            data.train_labels, size=pool_size, seed=config.seed
+        )
+        rest = np.setdiff1d(np.arange(train_size), pool_index)
+        population_source = (data.train_images[rest], data.train_labels[rest])
+    else:
+        pool_index = np.arange(train_size)
+        population_source = (data.test_images, data.test_labels)
+    count = min(config.population_size, len(population_source[1]))
+    chosen = np.sort(rng.choice(len(population_source[1]), size=count, replace=False))
+    pool = (data.train_images[pool_index], data.train_labels[pool_index])
+    return pool, (population_source[0][chosen], population_source[1][chosen])
+
+
 def _pipeline_key(seed: int, spec: PipelineSpec, mask_index: int):
     # Keys depend on the variant's name, not its position, so adding a variant to a config
     # leaves the others' results unchanged.
@@ -94,13 +127,11 @@ def run(config: ExperimentConfig, workdir, *, resume: bool = False, progress: bo
     log.info("experiment %s into %s on %s", config.fingerprint(), workdir, jax.devices())
 
     data = datasets.load_dataset(
-        config.dataset,
-        data_dir=config.data_dir,
-        train_size=config.pool_size,
-        test_size=config.test_size,
-        seed=config.seed,
+        config.dataset, data_dir=config.data_dir, test_size=config.test_size, seed=config.seed
     )
-    pool_images, pool_labels = data.train_images, data.train_labels
+    pool, population = split_pool(data, config)
+    pool_images, pool_labels = pool
+    population_images, population_labels = population
     target_mask, shadow_masks = membership.membership_masks(
         seed=config.seed,
         pool_size=len(pool_images),
@@ -141,7 +172,7 @@ def run(config: ExperimentConfig, workdir, *, resume: bool = False, progress: bo
             l2_norm_clip=config.l2_norm_clip,
             progress=False,
         )
-        signals = collect_signals(signal_key, output, pool_images, pool_labels)
+        signals = collect_signals(signal_key, output, pool_images, pool_labels, population_images)
         result = output.classifier
         accuracy = classifier.accuracy_of(
             result.params, result.config, data.num_classes, data.test_images, data.test_labels
@@ -156,6 +187,7 @@ def run(config: ExperimentConfig, workdir, *, resume: bool = False, progress: bo
         pipelines=config.pipelines,
         masks=masks,
         pool_labels=pool_labels,
+        population_labels=population_labels,
         target_delta=config.target_delta,
     )
     _write_json_atomically(workdir / "metrics.json", records)

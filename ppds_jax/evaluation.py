@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from ppds_jax import metrics
-from ppds_jax.attacks import lira, loss_threshold, rmia, signals
+from ppds_jax.attacks import distance, lira, loss_threshold, rmia, signals
 from ppds_jax.pipeline import PipelineSpec
 
-# An attack turns (target signal (N,), shadow signals (K, N), shadow masks (K, N)) into
-# membership scores (N,), higher meaning more likely a member.
+# A calibrated attack turns (target signal (N,), shadow signals (K, N), shadow masks (K, N))
+# into membership scores (N,), higher meaning more likely a member.
 ScoreFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 CALIBRATED_ATTACKS: dict[str, ScoreFn] = {
@@ -28,6 +28,10 @@ CALIBRATED_ATTACKS: dict[str, ScoreFn] = {
     "lira_online_fixed_variance": lambda t, s, m: lira.lira_online(t, s, m, fixed_variance=True),
     "lira_offline_fixed_variance": lambda t, s, m: lira.lira_offline(t, s, m, fixed_variance=True),
 }
+
+# RMIA's offline interpolation between the OUT mean and 1; fixed in advance rather than tuned
+# on the target, since tuning it needs membership labels the attacker does not have.
+RMIA_OFFLINE_A = 0.3
 
 
 def load_signals(workdir, spec: PipelineSpec, num_masks: int) -> dict[str, np.ndarray]:
@@ -41,23 +45,36 @@ def load_signals(workdir, spec: PipelineSpec, num_masks: int) -> dict[str, np.nd
 
 
 def classifier_attack_scores(
-    logits: np.ndarray, labels: np.ndarray, masks: np.ndarray
+    saved: dict[str, np.ndarray], labels: np.ndarray, population_labels: np.ndarray, masks
 ) -> dict[str, np.ndarray]:
     """Scores of every attack on a released classifier.
 
     Args:
-      logits: (M, N, C) logits of the target (index 0) and shadow classifiers on the pool.
+      saved: stacked signals with "logits" (M, N, C) on the pool and "population_logits"
+        (M, P, C) on the attacker's population data, target at index 0, shadows after it.
       labels: (N,) true labels of the pool.
+      population_labels: (P,) true labels of the population data.
       masks: (M, N) bool membership masks; only the shadows' (1..) are read.
     """
+    logits, population_logits = saved["logits"], saved["population_logits"]
+    shadow_masks = masks[1:]
     confidence = np.stack([signals.logit_confidence(x, labels) for x in logits])
-    target, shadows, shadow_masks = confidence[0], confidence[1:], masks[1:]
-    scores = {"loss_threshold": loss_threshold.loss_threshold_scores(logits[0], labels)}
+    scores = {
+        "loss_threshold": loss_threshold.loss_threshold(signals.per_example_loss(logits[0], labels))
+    }
     for name, attack in CALIBRATED_ATTACKS.items():
-        scores[name] = attack(target, shadows, shadow_masks)
+        scores[name] = attack(confidence[0], confidence[1:], shadow_masks)
     probabilities = np.stack([signals.true_class_probability(x, labels) for x in logits])
-    scores["rmia"] = rmia.rmia_scores(
-        probabilities[0], probabilities[1:], population=np.arange(len(labels))
+    population = np.stack(
+        [signals.true_class_probability(x, population_labels) for x in population_logits]
+    )
+    common = {
+        "population_target_probs": population[0],
+        "population_reference_probs": population[1:],
+    }
+    scores["rmia"] = rmia.rmia(probabilities[0], probabilities[1:], shadow_masks, **common)
+    scores["rmia_offline"] = rmia.rmia_offline(
+        probabilities[0], probabilities[1:], shadow_masks, offline_a=RMIA_OFFLINE_A, **common
     )
     return scores
 
@@ -79,14 +96,20 @@ def signal_attack_scores(
 
 
 def release_scores(
-    release: str, saved: dict[str, np.ndarray], labels, masks
+    release: str, saved: dict[str, np.ndarray], labels, population_labels, masks
 ) -> dict[str, np.ndarray]:
     """Attack scores for one release kind from the stacked signals of its variant."""
     if release in ("real_classifier", "dp_real_classifier", "synthetic_classifier"):
-        return classifier_attack_scores(saved["logits"], labels, masks)
+        return classifier_attack_scores(saved, labels, population_labels, masks)
     if release == "synthetic_data":
-        # A query close to the released synthetic set is more likely a member (GAN-Leaks).
-        return signal_attack_scores(-saved["synthetic_distance"], masks, "distance")
+        distances = saved["synthetic_distance"]
+        scores = {
+            "gan_leaks": distance.gan_leaks(distances[0]),
+            "gan_leaks_calibrated": distance.gan_leaks(distances[0], distances[1:], masks[1:]),
+            "domias": saved["density_ratio"][0].astype(np.float64),
+        }
+        scores.update(signal_attack_scores(-distances, masks, "distance"))
+        return scores
     if release == "generator":
         if "generator_score" not in saved:
             return {}
@@ -100,6 +123,7 @@ def evaluate_experiment(
     pipelines: Sequence[PipelineSpec],
     masks: np.ndarray,
     pool_labels: np.ndarray,
+    population_labels: np.ndarray,
     target_delta: float,
 ):
     """Attack every release of every pipeline variant.
@@ -117,7 +141,7 @@ def evaluate_experiment(
         if spec.epsilon is not None:
             ledger = json.loads(ledger_path.read_text())
         for release in spec.releases:
-            scores = release_scores(release, saved, pool_labels, masks)
+            scores = release_scores(release, saved, pool_labels, population_labels, masks)
             attack_metrics, release_curves = {}, {}
             for name, values in scores.items():
                 attack_metrics[name] = metrics.attack_metrics(values, is_member)

@@ -6,8 +6,8 @@ classifier on that set. Target and shadow pipelines call the same function with 
 member sets, so the attacks calibrate on exactly the code that produced the target.
 
 `collect_signals` then records what an attacker observes of each release on every pool example:
-the released classifier's logits, the nearest-neighbour distance to the released synthetic set,
-and the released generator's white-box score.
+the released classifier's logits, the nearest-neighbour distance and density ratio of the
+released synthetic set, and the released generator's white-box score.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ppds_jax import classifier, generators, sampling
+from ppds_jax.attacks import density, distance
 from ppds_jax.generators.base import PrivacySpec
 
 
@@ -184,59 +184,55 @@ def run_pipeline(
     )
 
 
-@jax.jit
-def _min_squared_distances(queries, references):
-    # ||q - r||^2 = ||q||^2 - 2 q.r + ||r||^2, minimised over references.
-    cross = queries @ references.T
-    squared = (
-        jnp.sum(queries**2, axis=1, keepdims=True) - 2.0 * cross + jnp.sum(references**2, axis=1)
-    )
-    return jnp.maximum(jnp.min(squared, axis=1), 0.0)
-
-
-def nearest_neighbour_distances(
-    queries: np.ndarray, references: np.ndarray, *, chunk_size: int = 1024
-) -> np.ndarray:
-    """L2 distance from each query to its nearest reference, both flattened, (Q,) float32."""
-    flat_queries = np.asarray(queries, np.float32).reshape(len(queries), -1)
-    flat_references = jnp.asarray(np.asarray(references, np.float32).reshape(len(references), -1))
-    distances = [
-        np.asarray(_min_squared_distances(flat_queries[i : i + chunk_size], flat_references))
-        for i in range(0, len(flat_queries), chunk_size)
-    ]
-    return np.sqrt(np.concatenate(distances)).astype(np.float32)
-
-
 def collect_signals(
-    key, output: PipelineOutput, pool_images: np.ndarray, pool_labels: np.ndarray
+    key,
+    output: PipelineOutput,
+    pool_images: np.ndarray,
+    pool_labels: np.ndarray,
+    population_images: np.ndarray,
 ) -> dict[str, np.ndarray]:
     """Record what an attacker observes of each release, for every pool example.
 
+    Args:
+      key: PRNG key of the white-box signal.
+      output: the pipeline run.
+      pool_images, pool_labels: the queries, (N, H, W, C) and (N,).
+      population_images: (P, H, W, C) real images outside the pool that the attacker holds;
+        never a member of any pipeline.
+
     Returns:
-      dict with "logits" (N, num_classes) of the released classifier; for synthetic variants
-      also "synthetic_distance" (N,), the pixel-space distance to the nearest synthetic image,
-      and "generator_score" (N,), the family's white-box score when it has one.
+      dict with "logits" (N, num_classes) and "population_logits" (P, num_classes) of the
+      released classifier; for synthetic variants also "synthetic_distance" (N,), the
+      pixel-space distance to the nearest synthetic image, "density_ratio" (N,), the DOMIAS
+      log density ratio of the synthetic set over the population, and "generator_score" (N,),
+      the family's white-box score when it has one.
     """
     result = output.classifier
-    signals = {
-        "logits": classifier.predict_logits(
-            result.params, pool_images, config=result.config, num_classes=result.num_classes
+
+    def logits_of(images):
+        return classifier.predict_logits(
+            result.params, images, config=result.config, num_classes=result.num_classes
         )
-    }
-    if output.synthetic_images is not None:
-        signals["synthetic_distance"] = nearest_neighbour_distances(
-            pool_images, output.synthetic_images
+
+    signals = {"logits": logits_of(pool_images), "population_logits": logits_of(population_images)}
+    if output.synthetic_images is None:
+        return signals
+    signals["synthetic_distance"] = distance.nearest_neighbor_distances(
+        pool_images, output.synthetic_images
+    ).astype(np.float32)
+    signals["density_ratio"] = density.domias(
+        pool_images, output.synthetic_images, population_images
+    ).astype(np.float32)
+    family = generators.get_family(output.spec.generator)
+    if family.member_scores is not None:
+        signals["generator_score"] = np.asarray(
+            family.member_scores(
+                key,
+                output.generator_state,
+                pool_images,
+                pool_labels,
+                config=output.generator_config,
+            ),
+            np.float32,
         )
-        family = generators.get_family(output.spec.generator)
-        if family.member_scores is not None:
-            signals["generator_score"] = np.asarray(
-                family.member_scores(
-                    key,
-                    output.generator_state,
-                    pool_images,
-                    pool_labels,
-                    config=output.generator_config,
-                ),
-                np.float32,
-            )
     return signals

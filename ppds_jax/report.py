@@ -71,7 +71,8 @@ def attacks_table(records: Sequence[Mapping]) -> str:
             lines.append(
                 f"| {record['pipeline']} | {record['release']} | {name} | "
                 f"{_format(attack['auc'])} | {_format(attack['balanced_accuracy'])} | "
-                f"{_format(attack['tpr_at_fpr_0.001'], 4)} | {_format(attack['tpr_at_fpr_0.01'], 4)} |"
+                f"{_format(attack['tpr_at_fpr_0.001'], 4)} | "
+                f"{_format(attack['tpr_at_fpr_0.01'], 4)} |"
             )
     return "\n".join(lines)
 
