@@ -1,7 +1,8 @@
 """DP-SGD: the one layer that combines clipping, noise, Poisson sampling and accounting.
 
-A `DpSgdConfig` fixes the mechanism; `dp_sgd_event` turns the same config into the `DpEvent`
-that the accountant composes, so the sampler that runs and the accountant cannot drift apart. One step:
+A `DpSgdConfig` fixes the mechanism, and `dp_sgd_event` turns the same config into the
+`DpEvent` that the accountant composes, so the sampler that runs and the accountant cannot drift
+apart. One step:
 
 1. Poisson-sample a batch with probability `sampling_prob` per example
    (`batch_selection.poisson_batches`), padded to `physical_batch_size` with a mask.
