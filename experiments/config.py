@@ -7,6 +7,7 @@ import hashlib
 import json
 from typing import Any
 
+from ppds_jax import datasets
 from ppds_jax.pipeline import PipelineSpec
 
 
@@ -21,7 +22,7 @@ class ExperimentConfig:
       test_size: number of test-split examples used for accuracy; None uses the whole split.
       population_size: real non-member examples the attacker holds (RMIA's population samples,
         DOMIAS's reference set), taken from outside the pool.
-      num_shadows: shadow pipelines per variant; LiRA online needs at least 2.
+      num_shadows: shadow pipelines per variant, even and >= 4.
       seed: seed of the pool subset, membership masks and every PRNG key.
       target_delta: delta of every private release.
       l2_norm_clip: per-example clip norm of every DP-SGD stage.
@@ -45,15 +46,20 @@ class ExperimentConfig:
     description: str = ""
 
     def __post_init__(self):
+        if self.dataset not in datasets.DATASETS:
+            raise ValueError(
+                f"unknown dataset {self.dataset!r}; known datasets: {sorted(datasets.DATASETS)}"
+            )
         if not self.pipelines:
             raise ValueError("an experiment needs at least one pipeline")
         names = [spec.name for spec in self.pipelines]
         if len(set(names)) != len(names):
             raise ValueError(f"pipeline names must be unique; got {names}")
-        if self.num_shadows < 2:
+        if self.num_shadows < 4 or self.num_shadows % 2:
             raise ValueError(
-                f"num_shadows={self.num_shadows} must be >= 2: LiRA online needs shadow models"
-                " with each example in and out"
+                f"num_shadows={self.num_shadows} must be even and >= 4: LiRA with per-example"
+                " variances needs every example in at least 2 shadows and out of 2, which the"
+                " balanced masks of an even number of shadows guarantee"
             )
         if self.pool_size is not None and self.pool_size < 4:
             raise ValueError(f"pool_size={self.pool_size} must be >= 4")

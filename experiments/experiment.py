@@ -122,13 +122,13 @@ def run(config: ExperimentConfig, workdir, *, resume: bool = False, progress: bo
       RunFolderError: see `prepare_workdir`.
     """
     workdir = Path(workdir)
-    prepare_workdir(config, workdir, resume=resume)
     started = time.perf_counter()
-    log.info("experiment %s into %s on %s", config.fingerprint(), workdir, jax.devices())
-
+    # Data problems (a missing folder, a corrupt file) surface before the run folder exists.
     data = datasets.load_dataset(
         config.dataset, data_dir=config.data_dir, test_size=config.test_size, seed=config.seed
     )
+    prepare_workdir(config, workdir, resume=resume)
+    log.info("experiment %s into %s on %s", config.fingerprint(), workdir, jax.devices())
     pool, population = split_pool(data, config)
     pool_images, pool_labels = pool
     population_images, population_labels = population
