@@ -36,7 +36,7 @@ class DpSgdConfig:
     """Settings of one DP-SGD run.
 
     Attributes:
-      l2_norm_clip: per-example clip norm C > 0.
+      l2_norm_clip: per-example clip norm C > 0; inf (no clipping) only with noise_multiplier 0.
       noise_multiplier: sigma >= 0; the noise on the clipped sum has standard deviation
         sigma * C. Zero is only for tests: its epsilon is inf.
       sampling_prob: Poisson inclusion probability q in (0, 1].
@@ -58,6 +58,11 @@ class DpSgdConfig:
             raise ValueError(f"l2_norm_clip={self.l2_norm_clip} must be > 0")
         if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
             raise ValueError(f"noise_multiplier={self.noise_multiplier} must be finite and >= 0")
+        if math.isinf(self.l2_norm_clip) and self.noise_multiplier > 0:
+            raise ValueError(
+                f"l2_norm_clip=inf needs noise_multiplier=0 (got {self.noise_multiplier}), "
+                "because the noise standard deviation noise_multiplier * l2_norm_clip would be inf"
+            )
         if not 0 < self.sampling_prob <= 1:
             raise ValueError(f"sampling_prob={self.sampling_prob} must be in (0, 1]")
         for name in ("num_steps", "dataset_size", "physical_batch_size"):
@@ -161,9 +166,9 @@ def noisy_gradient(key: jax.Array, clipped_sum: Any, config: DpSgdConfig) -> Any
     Returns:
       The noisy gradient estimate, same structure as `clipped_sum`.
     """
-    noisy_sum = noise.add_gaussian_noise(
-        key, clipped_sum, stddev=config.noise_multiplier * config.l2_norm_clip
-    )
+    # Without noise the standard deviation is 0 even for l2_norm_clip = inf (0 * inf is NaN).
+    stddev = 0.0 if config.noise_multiplier == 0 else config.noise_multiplier * config.l2_norm_clip
+    noisy_sum = noise.add_gaussian_noise(key, clipped_sum, stddev=stddev)
     scale = 1.0 / config.expected_batch_size
     return jax.tree.map(lambda leaf: leaf * scale, noisy_sum)
 
