@@ -1,0 +1,219 @@
+"""Tests for the conditional GAN and DP-GAN (DP-SGD on the discriminator)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from ppds_jax.generators import base, gan
+
+SMALL_CONFIG = {
+    "num_epochs": 1,
+    "batch_size": 64,
+    "learning_rate": 2e-3,
+    "latent_dim": 8,
+    "generator_width": 8,
+    "discriminator_width": 8,
+}
+
+
+def _config(**overrides):
+    return base.resolve_config(gan.FAMILY, {**SMALL_CONFIG, **overrides})
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """Digits as (N, 8, 8, 1) float32 in [-1, 1] and int32 labels."""
+    data = load_digits()
+    images = (data.images.astype(np.float32) / 8.0 - 1.0)[..., None]
+    return images, data.target.astype(np.int32)
+
+
+def _discriminator_loss(state, config, images, labels, key):
+    """Mean non-saturating discriminator loss on real rows paired with fresh fakes."""
+    generator, discriminator = gan._modules(state, config)
+    fakes, fake_labels = gan.generate_fakes(
+        state["params"]["generator"],
+        key,
+        generator=generator,
+        num_samples=len(labels),
+        latent_dim=config["latent_dim"],
+        num_classes=state["num_classes"],
+    )
+    apply = functools.partial(discriminator.apply, {"params": state["params"]["discriminator"]})
+    real_logits, fake_logits = apply(images, labels), apply(fakes, fake_labels)
+    return float(jnp.mean(jax.nn.softplus(-real_logits) + jax.nn.softplus(fake_logits)))
+
+
+class TestModels:
+    @pytest.mark.parametrize("image_shape", [(8, 8, 1), (28, 28, 1), (32, 32, 3)])
+    def test_parameter_and_sample_shapes(self, image_shape):
+        config = _config()
+        state = gan.init(jax.random.key(0), image_shape=image_shape, num_classes=10, config=config)
+        height, width, channels = image_shape
+        generator_params = state["params"]["generator"]
+        assert generator_params["Dense_0"]["kernel"].shape == (
+            8 + 10,
+            (height // 4) * (width // 4) * 16,
+        )
+        assert generator_params["Conv_2"]["kernel"].shape == (3, 3, 4, channels)
+        assert state["params"]["discriminator"]["Embed_0"]["embedding"].shape == (
+            10,
+            (height // 4) * (width // 4) * 8,
+        )
+        images = gan.sample(jax.random.key(1), state, np.arange(5), config=config)
+        assert images.shape == (5, *image_shape)
+        assert images.dtype == jnp.float32
+        assert float(jnp.max(jnp.abs(images))) <= 1.0
+
+    def test_image_size_not_divisible_by_four_rejected(self):
+        with pytest.raises(ValueError, match="divisible by 4"):
+            gan.init(jax.random.key(0), image_shape=(10, 10, 1), num_classes=10, config=_config())
+
+    def test_discriminator_logit_depends_on_own_example_only(self):
+        # No cross-example layer (BatchNorm): changing other rows leaves row 0's logit alone.
+        discriminator = gan.Discriminator(num_classes=3, width=8)
+        images = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+        labels = jnp.array([0, 1, 2, 1])
+        variables = discriminator.init(jax.random.key(1), images, labels)
+        assert set(variables) == {"params"}
+        logits = discriminator.apply(variables, images, labels)
+        changed = images.at[1:].set(5.0)
+        changed_logits = discriminator.apply(variables, changed, labels)
+        assert logits.shape == (4,)
+        np.testing.assert_allclose(changed_logits[0], logits[0], rtol=1e-6)
+
+
+class TestSampling:
+    def test_same_key_same_samples(self):
+        config = _config()
+        state = gan.init(jax.random.key(0), image_shape=(8, 8, 1), num_classes=10, config=config)
+        labels = np.array([1, 4, 4, 9])
+        first = gan.sample(jax.random.key(5), state, labels, config=config)
+        again = gan.sample(jax.random.key(5), state, labels, config=config)
+        other = gan.sample(jax.random.key(6), state, labels, config=config)
+        np.testing.assert_array_equal(first, again)
+        assert not np.allclose(first, other)
+
+    def test_label_out_of_range_rejected(self):
+        config = _config()
+        state = gan.init(jax.random.key(0), image_shape=(8, 8, 1), num_classes=10, config=config)
+        with pytest.raises(ValueError, match="labels must be in"):
+            gan.sample(jax.random.key(0), state, np.array([2, 10]), config=config)
+        with pytest.raises(ValueError, match="labels must be in"):
+            gan.member_scores(
+                None, state, np.zeros((1, 8, 8, 1), np.float32), np.array([-1]), config=config
+            )
+
+
+class TestPrivateDiscriminator:
+    def test_clipped_sum_matches_explicit_loop(self, digits):
+        config = _config()
+        state = gan.init(jax.random.key(0), image_shape=(8, 8, 1), num_classes=10, config=config)
+        generator, discriminator = gan._modules(state, config)
+        images, labels = jnp.asarray(digits[0][:5]), jnp.asarray(digits[1][:5])
+        mask = jnp.array([True, True, False, True, True])
+        key, l2_norm_clip = jax.random.key(3), 0.05
+
+        clipped_sum, stats = gan.discriminator_clipped_grad_sum(
+            state["params"],
+            key,
+            images,
+            labels,
+            mask,
+            generator=generator,
+            discriminator=discriminator,
+            latent_dim=config["latent_dim"],
+            num_classes=10,
+            l2_norm_clip=l2_norm_clip,
+        )
+
+        # The function draws its fakes from the first half of split(key).
+        fakes, fake_labels = gan.generate_fakes(
+            state["params"]["generator"],
+            jax.random.split(key)[0],
+            generator=generator,
+            num_samples=5,
+            latent_dim=config["latent_dim"],
+            num_classes=10,
+        )
+
+        def row_loss(params, row):
+            def logit(image, label):
+                return discriminator.apply({"params": params}, image[None], label[None])[0]
+
+            real_term = jax.nn.softplus(-logit(images[row], labels[row]))
+            return real_term + jax.nn.softplus(logit(fakes[row], fake_labels[row]))
+
+        discriminator_params = state["params"]["discriminator"]
+        expected = jax.tree.map(np.zeros_like, discriminator_params)
+        norms = []
+        for row in range(5):
+            grads = jax.grad(row_loss)(discriminator_params, row)
+            norm = float(np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads))))
+            norms.append(norm)
+            if not mask[row]:
+                continue
+            scale = min(1.0, l2_norm_clip / norm)
+            expected = jax.tree.map(lambda total, g, s=scale: total + s * g, expected, grads)
+
+        chex_leaves = zip(jax.tree.leaves(clipped_sum), jax.tree.leaves(expected), strict=True)
+        for actual, wanted in chex_leaves:
+            np.testing.assert_allclose(actual, wanted, rtol=1e-4, atol=1e-7)
+        assert int(stats.num_clipped) == sum(
+            norm > l2_norm_clip for norm, kept in zip(norms, mask, strict=True) if kept
+        )
+        assert int(stats.num_clipped) >= 1  # the clip norm is small enough to bite
+
+
+class TestTraining:
+    def test_fit_lowers_discriminator_loss(self, digits):
+        images, labels = digits
+        config = _config(num_epochs=1)
+        state = gan.init(jax.random.key(0), image_shape=(8, 8, 1), num_classes=10, config=config)
+        result = gan.fit(jax.random.key(1), state, images, labels, config=config)
+        assert result.ledger is None
+        num_steps = int(np.ceil(len(labels) / config["batch_size"]))
+        assert len(result.history["discriminator_loss"]) == num_steps
+        assert len(result.history["generator_loss"]) == num_steps
+
+        # Early in training the discriminator outpaces the generator, so its loss on a fixed
+        # real batch with fakes from a fixed key falls below its value at initialisation.
+        batch_images, batch_labels = images[:256], labels[:256]
+        before = _discriminator_loss(state, config, batch_images, batch_labels, jax.random.key(7))
+        after = _discriminator_loss(
+            result.state, config, batch_images, batch_labels, jax.random.key(7)
+        )
+        assert after < before - 0.1
+
+        scores = gan.member_scores(None, result.state, batch_images, batch_labels, config=config)
+        _, discriminator = gan._modules(result.state, config)
+        logits = discriminator.apply(
+            {"params": result.state["params"]["discriminator"]}, batch_images, batch_labels
+        )
+        assert scores.shape == (256,)
+        np.testing.assert_allclose(scores, logits, rtol=1e-5, atol=1e-6)
+
+    def test_private_fit_ledger_meets_target(self, digits):
+        images, labels = digits
+        config = _config(num_epochs=1, batch_size=90)
+        # A public dataset size different from the realised 1,797 rows: the sampling
+        # probability and step count must follow the public number.
+        privacy = base.PrivacySpec(
+            target_epsilon=3.0, target_delta=1e-5, dataset_size=1800, accountant="rdp"
+        )
+        state = gan.init(jax.random.key(0), image_shape=(8, 8, 1), num_classes=10, config=config)
+        result = gan.fit(jax.random.key(1), state, images, labels, config=config, privacy=privacy)
+
+        assert [stage.name for stage in result.ledger.stages] == ["dp_sgd"]
+        parameters = result.ledger.stages[0].parameters
+        assert parameters["sampling_prob"] == pytest.approx(90 / 1800)
+        assert parameters["num_steps"] == 20
+        assert parameters["dataset_size"] == 1800
+        assert parameters["l2_norm_clip"] == privacy.l2_norm_clip
+        assert result.ledger.epsilon(1e-5, accountant="rdp") <= 3.0
+        assert len(result.history["discriminator_loss"]) == 20
+        assert np.all(np.isfinite(result.history["generator_loss"]))
