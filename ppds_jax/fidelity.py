@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ppds_jax import networks
+from ppds_jax import networks, training
 
 # Pairwise distances are computed in row blocks of this many queries to bound host memory.
 _DISTANCE_BLOCK_ROWS = 1024
@@ -154,7 +154,7 @@ def train_feature_extractor(
       labels: shape (N,), int in [0, num_classes).
       num_classes: number of classes, >= 2.
       num_steps: number of Adam steps, >= 1.
-      batch_size: examples per step, >= 1; batches are drawn by a shuffle per epoch.
+      batch_size: examples per step, >= 1 (capped at N); batches come from a shuffle per epoch.
       learning_rate: Adam step size, > 0.
       features: widths of the CNN's conv blocks.
       hidden: width of the hidden layer, which is the feature dimension.
@@ -185,31 +185,24 @@ def train_feature_extractor(
         )
 
     module = networks.CNN(num_classes=num_classes, features=tuple(features), hidden=hidden)
-    init_key, order_key = jax.random.split(key)
+    init_key, fit_key = jax.random.split(key)
     params = module.init(init_key, jnp.zeros((1, *images.shape[1:]), jnp.float32))["params"]
-    optimizer = optax.adam(learning_rate)
-    opt_state = optimizer.init(params)
 
-    @jax.jit
-    def train_step(params, opt_state, batch_images, batch_labels):
-        def loss_fn(params):
-            logits = module.apply({"params": params}, batch_images)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, batch_labels).mean()
+    def per_example_loss(params, example, key):
+        del key
+        image, label = example
+        logits = module.apply({"params": params}, image[None])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, label[None])[0]
 
-        grads = jax.grad(loss_fn)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    # NOTE: a plain shuffled-batch Adam loop; it can move to `training.fit` without changing
-    # the result's meaning, because the extractor is trained without privacy either way.
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(order_key)).ravel())
-    batch_size = min(batch_size, images.shape[0])
-    order = np.empty(0, dtype=np.int64)
-    for _ in range(num_steps):
-        if order.size < batch_size:
-            order = np.concatenate([order, rng.permutation(images.shape[0])])
-        batch, order = order[:batch_size], order[batch_size:]
-        params, opt_state = train_step(params, opt_state, images[batch], labels[batch])
+    params, _ = training.fit(
+        fit_key,
+        params,
+        per_example_loss=per_example_loss,
+        data=(images, labels.astype(np.int32)),
+        optimizer=optax.adam(learning_rate),
+        num_steps=num_steps,
+        batch_size=min(batch_size, images.shape[0]),
+    )
     return FeatureExtractor(module=module, params=params)
 
 
