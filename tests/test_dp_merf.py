@@ -178,8 +178,8 @@ class TestPrivateRelease:
             residuals.append(np.asarray(noisy - exact).ravel())
         residuals = np.concatenate(residuals)
         expected_std = dp_merf.embedding_noise_multiplier(privacy) / 300
-        # For n Gaussian values the sample std has standard error about std / sqrt(2 n) and the
-        # mean std / sqrt(n); both checks allow 4 standard errors.
+        # For n Gaussian values the sample std has a standard error of about std / sqrt(2 n),
+        # and the sample mean one of std / sqrt(n). Both checks allow 4 standard errors.
         count = residuals.size
         assert count == num_draws * 201 * 10
         assert residuals.std() == pytest.approx(expected_std, rel=4 / np.sqrt(2 * count))

@@ -2,11 +2,11 @@
 
 DP-MERF (Harder et al., 2021, "DP-MERF: Differentially Private Mean Embeddings with Random
 Features for Practical Privacy-Preserving Data Generation") touches the private data once. It
-maps every image x to random Fourier features phi(x) of a Gaussian kernel, sums
-phi(x_i) outer onehot(y_i) over the data, releases that class-conditional mean embedding through
-the Gaussian mechanism, and then trains a generator without further access to the data to
-minimise the squared distance between the released embedding and the embedding of its samples.
-That distance is the (random-feature approximation of the) squared MMD between the two
+maps every image x to random Fourier features phi(x) of a Gaussian kernel and sums
+phi(x_i) outer onehot(y_i) over the data. That class-conditional mean embedding is released
+once through the Gaussian mechanism. A generator is then trained, without further access to the
+data, to minimise the squared distance between the released embedding and the embedding of its
+samples. That distance is the random-feature approximation of the squared MMD between the two
 class-conditional distributions.
 
 Feature vector. With m = num_features / 2 frequencies w_j ~ N(0, I / bandwidth^2),
@@ -160,7 +160,7 @@ def mean_embedding(
       chunk_size: examples per compiled chunk; it bounds memory and does not change the result.
 
     Returns:
-      M, shape (D + 1, K), float32. Row D holds c * n_k / N.
+      M, shape (D + 1, K), float32. Row D contains c * n_k / N.
     """
     num_examples = images.shape[0]
     flat_images = np.asarray(images, np.float32).reshape((num_examples, -1))

@@ -10,9 +10,10 @@ projection head (Miyato and Koyama, 2018): logit = w^T h + e_y^T h for the flatt
 and a learned class embedding e_y. Without BatchNorm each example's logit depends on that
 example alone, which per-example clipping requires.
 
-Loss: the non-saturating GAN loss (Goodfellow et al., 2014) on logits. Per row i of a batch,
-the discriminator loss is softplus(-D(x_i, y_i)) + softplus(D(G(z_i, c_i), c_i)), pairing real
-example i with one fake sample; the generator loss is softplus(-D(G(z, c), c)).
+Loss: the non-saturating GAN loss (Goodfellow et al., 2014) on logits. Row i of a batch pairs
+real example i with one fake sample, and its discriminator loss is
+softplus(-D(x_i, y_i)) + softplus(D(G(z_i, c_i), c_i)). The generator loss is
+softplus(-D(G(z, c), c)).
 
 DP-GAN (as in Xie et al., 2018, and Torkzadehmahani et al., 2019): only the discriminator
 reads private data, so only its steps run DP-SGD. Each step Poisson-samples real examples,
