@@ -11,7 +11,8 @@ size and class counts as an unfiltered one unless too few candidates pass.
   training image is at most a threshold. It reads the private images, so it is NOT
   differentially private: no accounted epsilon holds for a set or a classifier that passed
   through it, whatever the generator's ledger says. Which candidates it drops, and how many,
-  depends on each private image.
+  depends on each private image. Passing it shows only that no released sample is a near copy
+  in pixel space; the membership-inference attacks measure what leaks otherwise.
 """
 
 from __future__ import annotations
