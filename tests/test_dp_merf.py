@@ -188,18 +188,29 @@ class TestPrivateRelease:
 
 
 class TestFamily:
-    def test_parameter_and_sample_shapes(self):
+    @pytest.mark.parametrize("image_shape", [(8, 8, 1), (28, 28, 1), (32, 32, 3)])
+    def test_parameter_and_sample_shapes(self, image_shape):
+        # eval_shape traces init and sample without compiling them, which keeps this cheap;
+        # the other tests run both for real on 8x8 images. The static entries of the state
+        # stay plain Python values.
         config = _config()
-        for image_shape in [(8, 8, 1), (28, 28, 1), (32, 32, 3)]:
-            state = dp_merf.init(
+        static = {"image_shape": image_shape, "num_classes": 10}
+        arrays = jax.eval_shape(
+            lambda: dp_merf.init(
                 jax.random.key(0), image_shape=image_shape, num_classes=10, config=config
             )
-            kernels = [leaf.shape for leaf in jax.tree.leaves(state["params"]) if leaf.ndim == 2]
-            assert kernels == [(8 + 10, 64), (64, int(np.prod(image_shape)))]
-            images = dp_merf.sample(jax.random.key(1), state, np.arange(5), config=config)
-            assert images.shape == (5, *image_shape)
-            assert images.dtype == jnp.float32
-            assert float(jnp.max(jnp.abs(images))) <= 1.0
+        )
+        state = {**arrays, **static}
+        kernels = [leaf.shape for leaf in jax.tree.leaves(state["params"]) if leaf.ndim == 2]
+        assert kernels == [(8 + 10, 64), (64, int(np.prod(image_shape)))]
+        images = jax.eval_shape(
+            lambda arrays: dp_merf.sample(
+                jax.random.key(1), {**arrays, **static}, np.arange(5), config=config
+            ),
+            {name: value for name, value in arrays.items() if name not in static},
+        )
+        assert images.shape == (5, *image_shape)
+        assert images.dtype == jnp.float32
 
     def test_same_key_same_samples(self):
         config = _config()
@@ -208,6 +219,8 @@ class TestFamily:
         )
         labels = np.array([0, 3, 9, 3])
         first = dp_merf.sample(jax.random.key(5), state, labels, config=config)
+        assert first.shape == (4, 8, 8, 1)
+        assert float(jnp.max(jnp.abs(first))) <= 1.0
         again = dp_merf.sample(jax.random.key(5), state, labels, config=config)
         other = dp_merf.sample(jax.random.key(6), state, labels, config=config)
         np.testing.assert_array_equal(first, again)

@@ -32,6 +32,12 @@ def digits():
     return images, data.target.astype(np.int32)
 
 
+@pytest.fixture(scope="module")
+def state_8x8():
+    """An initialised GAN state for 8x8x1 images and 10 classes, with SMALL_CONFIG."""
+    return gan.init(jax.random.key(0), image_shape=(8, 8, 1), num_classes=10, config=_config())
+
+
 def _discriminator_loss(state, config, images, labels, key):
     """Mean non-saturating discriminator loss on real rows paired with fresh fakes."""
     generator, discriminator = gan._modules(state, config)
@@ -51,8 +57,17 @@ def _discriminator_loss(state, config, images, labels, key):
 class TestModels:
     @pytest.mark.parametrize("image_shape", [(8, 8, 1), (28, 28, 1), (32, 32, 3)])
     def test_parameter_and_sample_shapes(self, image_shape):
+        # eval_shape traces init and sample without compiling them, which keeps this cheap;
+        # the other tests run both for real on 8x8 images. The static entries of the state
+        # stay plain Python values.
         config = _config()
-        state = gan.init(jax.random.key(0), image_shape=image_shape, num_classes=10, config=config)
+        static = {"image_shape": image_shape, "num_classes": 10}
+        arrays = jax.eval_shape(
+            lambda: gan.init(
+                jax.random.key(0), image_shape=image_shape, num_classes=10, config=config
+            )
+        )
+        state = {**arrays, **static}
         height, width, channels = image_shape
         generator_params = state["params"]["generator"]
         assert generator_params["Dense_0"]["kernel"].shape == (
@@ -64,10 +79,14 @@ class TestModels:
             10,
             (height // 4) * (width // 4) * 8,
         )
-        images = gan.sample(jax.random.key(1), state, np.arange(5), config=config)
+        images = jax.eval_shape(
+            lambda arrays: gan.sample(
+                jax.random.key(1), {**arrays, **static}, np.arange(5), config=config
+            ),
+            {name: value for name, value in arrays.items() if name not in static},
+        )
         assert images.shape == (5, *image_shape)
         assert images.dtype == jnp.float32
-        assert float(jnp.max(jnp.abs(images))) <= 1.0
 
     def test_image_size_not_divisible_by_four_rejected(self):
         with pytest.raises(ValueError, match="divisible by 4"):
@@ -78,29 +97,32 @@ class TestModels:
         discriminator = gan.Discriminator(num_classes=3, width=8)
         images = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
         labels = jnp.array([0, 1, 2, 1])
-        variables = discriminator.init(jax.random.key(1), images, labels)
+        variables = jax.jit(discriminator.init)(jax.random.key(1), images, labels)
         assert set(variables) == {"params"}
-        logits = discriminator.apply(variables, images, labels)
+        apply = jax.jit(discriminator.apply)
+        logits = apply(variables, images, labels)
         changed = images.at[1:].set(5.0)
-        changed_logits = discriminator.apply(variables, changed, labels)
+        changed_logits = apply(variables, changed, labels)
         assert logits.shape == (4,)
         np.testing.assert_allclose(changed_logits[0], logits[0], rtol=1e-6)
 
 
 class TestSampling:
-    def test_same_key_same_samples(self):
+    def test_same_key_same_samples(self, state_8x8):
         config = _config()
-        state = gan.init(jax.random.key(0), image_shape=(8, 8, 1), num_classes=10, config=config)
+        state = state_8x8
         labels = np.array([1, 4, 4, 9])
         first = gan.sample(jax.random.key(5), state, labels, config=config)
+        assert first.shape == (4, 8, 8, 1)
+        assert float(jnp.max(jnp.abs(first))) <= 1.0
         again = gan.sample(jax.random.key(5), state, labels, config=config)
         other = gan.sample(jax.random.key(6), state, labels, config=config)
         np.testing.assert_array_equal(first, again)
         assert not np.allclose(first, other)
 
-    def test_label_out_of_range_rejected(self):
+    def test_label_out_of_range_rejected(self, state_8x8):
         config = _config()
-        state = gan.init(jax.random.key(0), image_shape=(8, 8, 1), num_classes=10, config=config)
+        state = state_8x8
         with pytest.raises(ValueError, match="labels must be in"):
             gan.sample(jax.random.key(0), state, np.array([2, 10]), config=config)
         with pytest.raises(ValueError, match="labels must be in"):
@@ -110,9 +132,9 @@ class TestSampling:
 
 
 class TestPrivateDiscriminator:
-    def test_clipped_sum_matches_explicit_loop(self, digits):
+    def test_clipped_sum_matches_explicit_loop(self, state_8x8, digits):
         config = _config()
-        state = gan.init(jax.random.key(0), image_shape=(8, 8, 1), num_classes=10, config=config)
+        state = state_8x8
         generator, discriminator = gan._modules(state, config)
         images, labels = jnp.asarray(digits[0][:5]), jnp.asarray(digits[1][:5])
         mask = jnp.array([True, True, False, True, True])
@@ -141,18 +163,21 @@ class TestPrivateDiscriminator:
             num_classes=10,
         )
 
-        def row_loss(params, row):
+        @jax.jit
+        @jax.grad
+        def row_grad(params, image, label, fake, fake_label):
             def logit(image, label):
                 return discriminator.apply({"params": params}, image[None], label[None])[0]
 
-            real_term = jax.nn.softplus(-logit(images[row], labels[row]))
-            return real_term + jax.nn.softplus(logit(fakes[row], fake_labels[row]))
+            return jax.nn.softplus(-logit(image, label)) + jax.nn.softplus(logit(fake, fake_label))
 
         discriminator_params = state["params"]["discriminator"]
         expected = jax.tree.map(np.zeros_like, discriminator_params)
         norms = []
         for row in range(5):
-            grads = jax.grad(row_loss)(discriminator_params, row)
+            grads = row_grad(
+                discriminator_params, images[row], labels[row], fakes[row], fake_labels[row]
+            )
             norm = float(np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads))))
             norms.append(norm)
             if not mask[row]:
@@ -160,8 +185,8 @@ class TestPrivateDiscriminator:
             scale = min(1.0, l2_norm_clip / norm)
             expected = jax.tree.map(lambda total, g, s=scale: total + s * g, expected, grads)
 
-        chex_leaves = zip(jax.tree.leaves(clipped_sum), jax.tree.leaves(expected), strict=True)
-        for actual, wanted in chex_leaves:
+        leaf_pairs = zip(jax.tree.leaves(clipped_sum), jax.tree.leaves(expected), strict=True)
+        for actual, wanted in leaf_pairs:
             np.testing.assert_allclose(actual, wanted, rtol=1e-4, atol=1e-7)
         assert int(stats.num_clipped) == sum(
             norm > l2_norm_clip for norm, kept in zip(norms, mask, strict=True) if kept
@@ -170,10 +195,10 @@ class TestPrivateDiscriminator:
 
 
 class TestTraining:
-    def test_fit_lowers_discriminator_loss(self, digits):
+    def test_fit_lowers_discriminator_loss(self, state_8x8, digits):
         images, labels = digits
         config = _config(num_epochs=1)
-        state = gan.init(jax.random.key(0), image_shape=(8, 8, 1), num_classes=10, config=config)
+        state = state_8x8
         result = gan.fit(jax.random.key(1), state, images, labels, config=config)
         assert result.ledger is None
         num_steps = int(np.ceil(len(labels) / config["batch_size"]))
@@ -197,7 +222,7 @@ class TestTraining:
         assert scores.shape == (256,)
         np.testing.assert_allclose(scores, logits, rtol=1e-5, atol=1e-6)
 
-    def test_private_fit_ledger_meets_target(self, digits):
+    def test_private_fit_ledger_meets_target(self, state_8x8, digits):
         images, labels = digits
         config = _config(num_epochs=1, batch_size=90)
         # A public dataset size different from the realised 1,797 rows: the sampling
@@ -205,8 +230,9 @@ class TestTraining:
         privacy = base.PrivacySpec(
             target_epsilon=3.0, target_delta=1e-5, dataset_size=1800, accountant="rdp"
         )
-        state = gan.init(jax.random.key(0), image_shape=(8, 8, 1), num_classes=10, config=config)
-        result = gan.fit(jax.random.key(1), state, images, labels, config=config, privacy=privacy)
+        result = gan.fit(
+            jax.random.key(1), state_8x8, images, labels, config=config, privacy=privacy
+        )
 
         assert [stage.name for stage in result.ledger.stages] == ["dp_sgd"]
         parameters = result.ledger.stages[0].parameters

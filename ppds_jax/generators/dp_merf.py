@@ -399,7 +399,8 @@ def init(key, *, image_shape, num_classes, config) -> dict[str, Any]:
         raise ValueError(f"num_classes={num_classes} must be >= 1")
     params_key, feature_key = jax.random.split(key)
     generator = _generator_module(image_shape, config)
-    params = generator.init(
+    # A jitted init compiles once, instead of dispatching every initialiser op by op.
+    params = jax.jit(generator.init)(
         params_key,
         jnp.zeros((1, int(config["latent_dim"]))),
         jnp.zeros((1, num_classes)),

@@ -282,8 +282,9 @@ def init(key, *, image_shape, num_classes, config) -> dict[str, Any]:
     generator, discriminator = _modules(state, config)
     generator_key, discriminator_key = jax.random.split(key)
     latents = jnp.zeros((1, int(config["latent_dim"])))
-    generator_params = generator.init(generator_key, latents, jnp.zeros((1, num_classes)))
-    discriminator_params = discriminator.init(
+    # Jitted inits compile once, instead of dispatching every initialiser op by op.
+    generator_params = jax.jit(generator.init)(generator_key, latents, jnp.zeros((1, num_classes)))
+    discriminator_params = jax.jit(discriminator.init)(
         discriminator_key, jnp.zeros((1, *image_shape)), jnp.zeros((1,), jnp.int32)
     )
     params = {
