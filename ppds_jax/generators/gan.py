@@ -53,7 +53,8 @@ from ppds_jax.generators.base import FitResult, GeneratorFamily, PrivacySpec
 DEFAULT_CONFIG = {
     "num_epochs": 5,
     "batch_size": 64,
-    "learning_rate": 2e-4,
+    # 1e-3 gave better DP-GAN samples than 2e-4 or 5e-4 in 5-epoch Fashion-MNIST trials.
+    "learning_rate": 1e-3,
     # Adam's first-moment decay; 0.5 is the usual DCGAN setting and damps oscillations.
     "adam_b1": 0.5,
     "latent_dim": 32,
