@@ -14,13 +14,13 @@ Loss: the non-saturating GAN loss (Goodfellow et al., 2014) on logits. Row i of 
 real example i with one fake sample, and its discriminator loss is
 softplus(-D(x_i, y_i)) + softplus(D(G(z_i, c_i), c_i)). The generator loss is
 softplus(-D(G(z, c), c)). It was chosen over WGAN-GP because it needs no extra critic steps,
-which matters when every discriminator step costs privacy. A WGAN-GP penalty would also fit the
-per-row scheme below, because it differentiates D at an interpolate of one real and one fake image and
-so is itself a per-example term.
+which matters when every discriminator step costs privacy. A WGAN-GP penalty would also fit
+the per-row scheme below, because it differentiates D at an interpolate of one real and one
+fake image and so is itself a per-example term.
 
-DP-GAN: only the discriminator reads private data, so only its steps run DP-SGD. Each step Poisson-samples real examples,
-clips each row's gradient of the loss above to `l2_norm_clip`, adds Gaussian noise once and
-divides by the expected batch size. Why this row loss is sound:
+DP-GAN: only the discriminator reads private data, so only its steps run DP-SGD. Each step
+Poisson-samples real examples, clips each row's gradient of the loss above to `l2_norm_clip`,
+adds Gaussian noise once and divides by the expected batch size. Why this row loss is sound:
 
 - The fake latent z_i and label c_i are drawn independently of the data (c_i uniform over
   classes), so the fake term of row i is a function of public parameters and public randomness.
