@@ -25,12 +25,17 @@ Edge cases:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
+import numpy as np
+from flax.linen import linear as flax_linear
 
 PerExampleLoss = Callable[[Any, tuple, jax.Array], jax.Array]
 
@@ -183,3 +188,381 @@ def clipped_grad_sum(
         )
 
     return fn
+
+
+# Book-keeping ("ghost") clipping for Flax Dense and Conv layers.
+#
+# For a layer y = f(W, x) that is linear in W, the per-example gradient is a product of the
+# layer input x_i and the gradient of the loss with respect to the output, g_i. One backward
+# pass with respect to zero "probes" added to each layer's output yields every g_i, so the
+# per-example norms follow from (x_i, g_i) without per-example weight gradients for dense
+# layers, and the clipped sum is one batched weight-gradient product per layer, weighted by the
+# clip factors. Layers that are not intercepted get per-example gradients by vmap as before.
+
+
+class _Layer(NamedTuple):
+    """A Dense or Conv call whose per-example gradient is computed from (input, output grad)."""
+
+    module: Any  # unbound clone of the Flax module, applied to {"params": ...}
+    leaf_indices: dict[str, int]  # parameter name -> index in jax.tree.leaves(params)
+    output: jax.ShapeDtypeStruct  # one example's output
+
+
+def _is_linear_layer_call(context, args, kwargs) -> bool:
+    """Dense or Conv `__call__` with one positional input and a padding patches can reproduce."""
+    if context.method_name != "__call__" or len(args) != 1 or kwargs:
+        return False
+    module = context.module
+    if type(module) is nn.Dense:
+        return True
+    if type(module) is not nn.Conv:
+        return False
+    padding = _lax_padding(module)
+    return (
+        module.feature_group_count == 1
+        and module.mask is None
+        and module.conv_general_dilated is None
+        and module.conv_general_dilated_cls is None
+        and padding not in ("CIRCULAR", "CAUSAL")
+        and all(d == 1 for d in _as_tuple(module.input_dilation, len(_kernel_size(module))))
+    )
+
+
+def _kernel_size(module) -> tuple[int, ...]:
+    size = module.kernel_size
+    return (size,) if isinstance(size, int) else tuple(size)
+
+
+def _as_tuple(value, rank: int) -> tuple[int, ...]:
+    if value is None:
+        return (1,) * rank
+    return (value,) * rank if isinstance(value, int) else tuple(value)
+
+
+def _lax_padding(module):
+    return flax_linear.canonicalize_padding(module.padding, len(_kernel_size(module)))
+
+
+def _find_layers(per_example_loss, params, example, key) -> list[_Layer | None]:
+    """Trace one example and list the Dense/Conv calls in order, None for those left to vmap.
+
+    A call is left to vmap unless each of its parameters is a leaf of `params` itself (not a
+    copy or a transformed array) and no other intercepted call uses the same leaf.
+    """
+    calls: list[tuple[Any, dict[str, int] | None, jax.ShapeDtypeStruct]] = []
+
+    def traced(params):
+        leaf_index = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(params))}
+
+        def interceptor(next_fun, args, kwargs, context):
+            output = next_fun(*args, **kwargs)
+            if _is_linear_layer_call(context, args, kwargs):
+                variables = context.module.variables.get("params", {})
+                indices = {name: leaf_index.get(id(value)) for name, value in variables.items()}
+                mapped = None if None in indices.values() or not indices else indices
+                clone = context.module.clone(parent=None)
+                calls.append((clone, mapped, jax.ShapeDtypeStruct(output.shape, output.dtype)))
+            return output
+
+        with nn.intercept_methods(interceptor):
+            return per_example_loss(params, example, key)
+
+    jax.eval_shape(traced, params)
+    used = [i for _, indices, _ in calls if indices for i in indices.values()]
+    shared = {i for i in used if used.count(i) > 1}
+    layers = []
+    for module, indices, output in calls:
+        if indices is None or shared & set(indices.values()):
+            layers.append(None)
+        else:
+            layers.append(_Layer(module=module, leaf_indices=indices, output=output))
+    return layers
+
+
+def _dense_sq_norms(inputs, output_grads) -> jax.Array:
+    """Squared norms (B,) of per-example Dense kernel gradients sum_p x_p g_p^T."""
+    batch_size, fan_in, fan_out = inputs.shape[0], inputs.shape[-1], output_grads.shape[-1]
+    x = jnp.reshape(inputs, (batch_size, -1, fan_in))
+    g = jnp.reshape(output_grads, (batch_size, -1, fan_out))
+    return _outer_sum_sq_norms(x, g)
+
+
+def _outer_sum_sq_norms(x, g) -> jax.Array:
+    """||sum_p x[b, p] g[b, p]^T||_F^2 per row b, by the cheaper of two exact formulas."""
+    positions, fan_in, fan_out = x.shape[1], x.shape[2], g.shape[2]
+    if positions == 1:
+        return jnp.sum(x[:, 0] ** 2, axis=1) * jnp.sum(g[:, 0] ** 2, axis=1)
+    if positions * (fan_in + fan_out) < fan_in * fan_out:
+        # Ghost norm: ||X^T G||_F^2 = <X X^T, G G^T>, cheaper when positions are few.
+        x_gram = jnp.einsum("bpi,bqi->bpq", x, x)
+        g_gram = jnp.einsum("bpo,bqo->bpq", g, g)
+        return jnp.sum(x_gram * g_gram, axis=(1, 2))
+    # With the narrower operand transposed so that positions are its last axis, XLA on CPU
+    # runs this batched product about 1.7x faster than "bpi,bpo->bio" (jax 0.10, 2-core x86).
+    if fan_out <= fan_in:
+        per_example = jnp.einsum("bop,bpi->boi", jnp.swapaxes(g, 1, 2), x)
+    else:
+        per_example = jnp.einsum("bip,bpo->bio", jnp.swapaxes(x, 1, 2), g)
+    return jnp.sum(per_example**2, axis=(1, 2))
+
+
+def _image_patches(module, images) -> jax.Array:
+    """Patches (N, *output_spatial, prod(kernel_size) * C) that the Conv multiplies its kernel with.
+
+    Built from strided slices of the padded input rather than `lax.conv_general_dilated_patches`,
+    which multiplies by a one-hot kernel and costs a convolution with prod(kernel_size) * C
+    output channels.
+    """
+    kernel_size = _kernel_size(module)
+    rank = len(kernel_size)
+    strides = _as_tuple(module.strides, rank)
+    dilation = _as_tuple(module.kernel_dilation, rank)
+    spatial_shape = images.shape[1:-1]
+    dilated_kernel = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation, strict=True)]
+    padding = _lax_padding(module)
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(spatial_shape, dilated_kernel, strides, padding)
+    padded = jnp.pad(images, [(0, 0), *padding, (0, 0)])
+    output_shape = [
+        (size - window) // stride + 1
+        for size, window, stride in zip(padded.shape[1:-1], dilated_kernel, strides, strict=True)
+    ]
+    slices = []
+    for offset in itertools.product(*(range(k) for k in kernel_size)):
+        index = tuple(
+            slice(o * d, o * d + (n - 1) * s + 1, s)
+            for o, d, n, s in zip(offset, dilation, output_shape, strides, strict=True)
+        )
+        slices.append(padded[(slice(None), *index, slice(None))])
+    return jnp.concatenate(slices, axis=-1)
+
+
+def _conv_sq_norms(module, inputs, output_grads) -> jax.Array:
+    """Squared norms (B,) of per-example Conv kernel gradients, from image patches."""
+    rank = len(_kernel_size(module))
+    batch_size = inputs.shape[0]
+    images = jnp.reshape(inputs, (-1,) + inputs.shape[-rank - 1 :])
+    patches = _image_patches(module, images)
+    x = jnp.reshape(patches, (batch_size, -1, patches.shape[-1]))
+    g = jnp.reshape(output_grads, (batch_size, -1, output_grads.shape[-1]))
+    return _outer_sum_sq_norms(x, g)
+
+
+def _layer_sq_norms(layer: _Layer, inputs, output_grads) -> jax.Array:
+    """Squared norm (B,) of each example's gradient over all of the layer's parameters."""
+    batch_size = inputs.shape[0]
+    if type(layer.module) is nn.Dense:
+        kernel = _dense_sq_norms(inputs, output_grads)
+    else:
+        kernel = _conv_sq_norms(layer.module, inputs, output_grads)
+    if "bias" not in layer.leaf_indices:
+        return kernel
+    bias_grads = jnp.sum(jnp.reshape(output_grads, (batch_size, -1, output_grads.shape[-1])), 1)
+    return kernel + jnp.sum(bias_grads**2, axis=1)
+
+
+def ghost_clipped_grad_sum(
+    per_example_loss: PerExampleLoss, *, l2_norm_clip: float
+) -> Callable[[Any, tuple, jax.Array, jax.Array], tuple[Any, ClipStats]]:
+    """Build `clipped_grad_sum`'s function, computed by book-keeping for Dense and Conv layers.
+
+    Returns the same clipped sum and `ClipStats` as `clipped_grad_sum(per_example_loss,
+    l2_norm_clip=...)` (global clipping) up to float rounding, with the same per-example keys,
+    guarantee and edge cases, but faster for models made of `flax.linen.Dense` and
+    `flax.linen.Conv` layers:
+
+    1. One pass over the batch records each such layer's input x_i and the gradient g_i of
+       the loss with respect to its output, plus per-example gradients (by vmap) of every
+       other parameter, such as GroupNorm scales.
+    2. Per-example norms come from (x_i, g_i): ||x_i|| ||g_i|| for a dense layer on one
+       position, otherwise the cheaper of the Gram-matrix identity and an explicit product of
+       image patches and g_i.
+    3. The clipped sum of each layer is one batched weight gradient with every g_i scaled by
+       its clip factor, instead of a sum of materialised per-example gradients.
+
+    Rows that are masked or whose gradient is not finite have x_i and g_i set to zero before
+    step 3, so they contribute exactly zero, as in `clipped_grad_sum`.
+
+    Layers are intercepted with `flax.linen.intercept_methods` while the loss runs. A Dense or
+    Conv call is handled by vmap instead when its parameters are not leaves of `params` as
+    given, when two calls share a parameter, when the loss also reads its parameters outside
+    the call (found by tracing), or when the Conv uses feature groups, input dilation, a mask
+    or circular or causal padding. A loss without such layers runs entirely by vmap.
+
+    Args:
+      per_example_loss: `loss(params, example, key) -> scalar` that applies Flax modules.
+      l2_norm_clip: clip norm C > 0; `math.inf` disables clipping.
+
+    Returns:
+      jittable `fn(params, batch, mask, key) -> (clipped_sum, ClipStats)`.
+
+    Raises:
+      ValueError: `l2_norm_clip` is not > 0.
+    """
+    _validate_clip(l2_norm_clip)
+
+    def fn(params, batch, mask, key):
+        batch = tuple(batch)
+        batch_size = mask.shape[0]
+        keys = jax.random.split(key, batch_size)
+        first_example = tuple(array[0] for array in batch)
+        layers = _find_layers(per_example_loss, params, first_example, keys[0])
+        layers = _drop_layers_used_elsewhere(
+            per_example_loss, layers, params, first_example, keys[0]
+        )
+        covered = [layer for layer in layers if layer is not None]
+
+        losses, (param_grads, output_grads), inputs = _record_pass(
+            per_example_loss, layers, params, batch, keys
+        )
+
+        leaves, treedef = jax.tree.flatten(params)
+        covered_indices = {i for layer in covered for i in layer.leaf_indices.values()}
+        other = [i for i in range(len(leaves)) if i not in covered_indices]
+        grad_leaves = jax.tree.leaves(param_grads)
+        sq_norms = sum(
+            (jnp.sum(jnp.reshape(grad_leaves[i], (batch_size, -1)) ** 2, axis=1) for i in other),
+            jnp.zeros(batch_size, jnp.float32),
+        )
+        for layer, x, g in zip(covered, inputs, output_grads, strict=True):
+            sq_norms = sq_norms + _layer_sq_norms(layer, x, g)
+
+        norms = jnp.sqrt(sq_norms)
+        finite = jnp.isfinite(norms)
+        valid = mask & finite
+        factor, clipped = _scale_factor(norms, l2_norm_clip)
+
+        summed = [None] * len(leaves)
+        for i in other:
+            summed[i] = _weighted_row_sum(factor, valid, grad_leaves[i])
+        for layer, x, g in zip(covered, inputs, output_grads, strict=True):
+            layer_sum = _weighted_layer_grad(layer, leaves, valid, factor, x, g)
+            for name, index in layer.leaf_indices.items():
+                summed[index] = layer_sum[name].astype(leaves[index].dtype)
+
+        stats = ClipStats(
+            norms=jnp.where(mask, jnp.where(finite, norms, jnp.inf), 0.0),
+            num_clipped=jnp.sum(valid & clipped, dtype=jnp.int32),
+            num_nonfinite=jnp.sum(mask & ~finite, dtype=jnp.int32),
+            losses=jnp.where(mask, losses, 0.0),
+        )
+        return jax.tree.unflatten(treedef, summed), stats
+
+    return fn
+
+
+def _probed_loss(per_example_loss, layers):
+    """Wrap the loss so that each intercepted layer records its input and adds a probe.
+
+    Returns `loss(params, probes, example, key) -> (loss, inputs)`. The gradient with respect
+    to a probe is the gradient with respect to that layer's output. Intercepted layers read
+    their parameters through `stop_gradient`, so the parameter gradient of those leaves is
+    zero (and XLA drops it); it is rebuilt from the recorded inputs and output gradients.
+    """
+
+    def loss_with_probes(params, probes, example, key):
+        calls = iter(layers)
+        inputs = []
+        # The replacement applies a clone of the module, which must not be intercepted again.
+        replacing = [False]
+
+        def interceptor(next_fun, args, kwargs, context):
+            if replacing[0] or not _is_linear_layer_call(context, args, kwargs):
+                return next_fun(*args, **kwargs)
+            layer = next(calls)
+            if layer is None:
+                return next_fun(*args, **kwargs)
+            variables = context.module.variables["params"]
+            layer_params = {name: jax.lax.stop_gradient(variables[name]) for name in variables}
+            probe = probes[len(inputs)]
+            inputs.append(args[0])
+            replacing[0] = True
+            try:
+                output = layer.module.apply({"params": layer_params}, args[0])
+            finally:
+                replacing[0] = False
+            return output + probe
+
+        with nn.intercept_methods(interceptor):
+            loss = per_example_loss(params, example, key)
+        return loss, inputs
+
+    return loss_with_probes
+
+
+def _is_zeros(var, producers) -> bool:
+    """Whether a jaxpr output is a literal zero or a broadcast of one."""
+    if isinstance(var, jax.extend.core.Literal):
+        return not np.any(var.val)
+    eqn = producers.get(var)
+    return (
+        eqn is not None
+        and eqn.primitive.name == "broadcast_in_dim"
+        and isinstance(eqn.invars[0], jax.extend.core.Literal)
+        and not np.any(eqn.invars[0].val)
+    )
+
+
+def _drop_layers_used_elsewhere(per_example_loss, layers, params, example, key):
+    """Set to None the layers whose parameters the loss also reads outside the layer call.
+
+    With the layers intercepted, the loss's gradient with respect to an intercepted leaf is
+    a traced constant zero unless something else reads that leaf (weight decay inside the
+    loss, tied weights). Such layers go back to vmap, which sees every use. If a JAX version
+    writes zeros differently, every layer goes back to vmap: slower, never wrong.
+    """
+    covered = [layer for layer in layers if layer is not None]
+    if not covered:
+        return layers
+    probes = [jnp.zeros(layer.output.shape, layer.output.dtype) for layer in covered]
+    loss_with_probes = _probed_loss(per_example_loss, layers)
+
+    def loss_of_params(params):
+        return loss_with_probes(params, probes, example, key)[0]
+
+    closed = jax.make_jaxpr(jax.grad(loss_of_params))(params)
+    producers = {out: eqn for eqn in closed.jaxpr.eqns for out in eqn.outvars}
+    gradient_vars = closed.jaxpr.outvars
+    return [
+        layer
+        if layer is not None
+        and all(_is_zeros(gradient_vars[i], producers) for i in layer.leaf_indices.values())
+        else None
+        for layer in layers
+    ]
+
+
+def _record_pass(per_example_loss, layers, params, batch, keys):
+    """Return losses, (param grads, layer output grads) and layer inputs, each per example."""
+    covered = [layer for layer in layers if layer is not None]
+    batch_size = keys.shape[0]
+    probes = [
+        jnp.zeros((batch_size,) + layer.output.shape, layer.output.dtype) for layer in covered
+    ]
+    loss_with_probes = _probed_loss(per_example_loss, layers)
+    grad_fn = jax.value_and_grad(loss_with_probes, argnums=(0, 1), has_aux=True)
+    (losses, inputs), grads = jax.vmap(grad_fn, in_axes=(None, 0, 0, 0))(
+        params, probes, batch, keys
+    )
+    return losses, grads, inputs
+
+
+def _weighted_layer_grad(layer: _Layer, leaves, valid, factor, inputs, output_grads):
+    """sum_i factor[i] * (gradient of example i) for one layer, as one batched weight gradient."""
+
+    def zero_invalid(array, scale=None):
+        shaped_valid = jnp.reshape(valid, (-1,) + (1,) * (array.ndim - 1))
+        if scale is not None:
+            array = array * jnp.reshape(scale, shaped_valid.shape).astype(array.dtype)
+        return jnp.where(shaped_valid, array, 0.0)
+
+    layer_params = {name: leaves[index] for name, index in layer.leaf_indices.items()}
+    x = zero_invalid(inputs)
+    weighted_grads = zero_invalid(output_grads, factor)
+
+    def apply_layer(layer_params):
+        return layer.module.apply({"params": layer_params}, x)
+
+    _, pullback = jax.vjp(apply_layer, layer_params)
+    (layer_sum,) = pullback(weighted_grads)
+    return layer_sum

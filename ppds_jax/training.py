@@ -80,6 +80,7 @@ def fit(
     dp: dp_sgd.DpSgdConfig | None = None,
     progress: bool = False,
     progress_desc: str = "",
+    clipping_method: str = "ghost",
 ) -> tuple[Any, FitStats]:
     """Train `params` for `num_steps` optimizer steps on `data`.
 
@@ -111,6 +112,9 @@ def fit(
       dp: DP-SGD settings, or None for non-private training.
       progress: show a tqdm bar.
       progress_desc: the bar's label.
+      clipping_method: under DP, "ghost" (`clipping.ghost_clipped_grad_sum`, fast for Flax
+        Dense and Conv layers, vmap for the rest) or "vmap" (`clipping.clipped_grad_sum`).
+        Both give the same clipped sum up to float rounding.
 
     Returns:
       (trained params, FitStats).
@@ -120,6 +124,10 @@ def fit(
         step count that differs from `dp.num_steps`, or a BatchNorm layer in `params`.
     """
     dataset_size = _check_data(data)
+    if clipping_method not in dp_sgd.CLIPPING_METHODS:
+        raise ValueError(
+            f"{clipping_method=} is unknown; expected one of {dp_sgd.CLIPPING_METHODS}"
+        )
     if num_steps < 1:
         raise ValueError(f"{num_steps=} must be >= 1")
     _check_no_batch_norm_params(params)
@@ -142,10 +150,13 @@ def fit(
         raise ValueError(
             f"{num_steps=} must equal dp.num_steps={dp.num_steps}, the steps the accountant assumes"
         )
+    clip_fn = dp_sgd.make_clip_fn(
+        per_example_loss, l2_norm_clip=dp.l2_norm_clip, clipping_method=clipping_method
+    )
     return _fit_private(
         key,
         params,
-        per_example_loss=per_example_loss,
+        clip_fn=clip_fn,
         data=data,
         optimizer=optimizer,
         dp=dp,
@@ -198,10 +209,9 @@ def _fit_non_private(
     return params, FitStats(loss=np.asarray(jax.device_get(losses), dtype=np.float64))
 
 
-def _fit_private(key, params, *, per_example_loss, data, optimizer, dp, progress, progress_desc):
+def _fit_private(key, params, *, clip_fn, data, optimizer, dp, progress, progress_desc):
     dataset_size = data[0].shape[0]
     sampling_key, loop_key = jax.random.split(key)
-    clip_fn = clipping.clipped_grad_sum(per_example_loss, l2_norm_clip=dp.l2_norm_clip)
 
     def chunk_sum(params, data, indices, mask, key):
         batch = tuple(array[indices] for array in data)

@@ -4,6 +4,7 @@ import functools
 import math
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -229,3 +230,99 @@ def test_microbatch_not_dividing_batch_raises():
     fn = clipping.clipped_grad_sum(loss, l2_norm_clip=1.0, microbatch_size=4)
     with pytest.raises(ValueError, match="multiple of microbatch_size=4"):
         fn(params, batch, jnp.ones(BATCH, bool), jax.random.key(0))
+
+
+class _MixedLayers(nn.Module):
+    """Strided, dilated and explicitly padded convolutions, and Dense layers on feature maps."""
+
+    @nn.compact
+    def __call__(self, images):
+        x = nn.relu(nn.Conv(4, (3, 3), strides=2, padding="VALID")(images))
+        x = nn.relu(nn.Conv(6, (3, 3), kernel_dilation=2, padding=1)(x))
+        x = nn.Conv(5, (2, 2), padding="SAME", use_bias=False)(x)
+        # Dense layers on every position: 4 positions, 5 -> 7 features (explicit product) and
+        # 7 -> 40 features (Gram-matrix identity, cheaper when positions are few).
+        x = nn.tanh(nn.Dense(7)(x))
+        x = nn.tanh(nn.Dense(40)(x))
+        return nn.Dense(3)(x.reshape((x.shape[0], -1)))
+
+
+@functools.cache
+def _mixed_setup():
+    model = _MixedLayers()
+    rng = np.random.default_rng(2)
+    images = jnp.asarray(rng.uniform(-1, 1, (BATCH, 9, 9, 2)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 3, BATCH), jnp.int32)
+    params = model.init(jax.random.key(0), images[:1])["params"]
+
+    def loss(params, example, key):
+        image, label = example
+        # Input noise from the example's key, so the keys of both methods must agree.
+        image = image + 0.1 * jax.random.normal(key, image.shape)
+        logits = model.apply({"params": params}, image[None])[0]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, label)
+
+    return loss, params, (images, labels)
+
+
+@functools.cache
+def _weight_decay_setup():
+    """The CNN loss plus a penalty that reads one Dense kernel outside its layer call."""
+    loss, params, batch = _cnn_setup()
+
+    def penalised_loss(params, example, key):
+        return loss(params, example, key) + 0.1 * jnp.sum(params["Dense_0"]["kernel"] ** 2)
+
+    return penalised_loss, params, batch
+
+
+def _with_nan_and_padding(batch):
+    images, *rest = batch
+    return (images.at[2].set(jnp.nan), *rest), jnp.arange(BATCH) != 4
+
+
+@pytest.mark.parametrize(
+    ("setup", "clip"),
+    [
+        (_cnn_setup, SMALL_CLIP),
+        (_cnn_setup, math.inf),
+        (_mixed_setup, SMALL_CLIP),
+        (_weight_decay_setup, SMALL_CLIP),
+        (_vae_setup, SMALL_CLIP),
+    ],
+    ids=["cnn", "cnn_unclipped", "mixed_layers", "weight_decay", "no_flax_layers"],
+)
+def test_ghost_matches_vmap(setup, clip):
+    loss, params, batch = setup()
+    batch, mask = _with_nan_and_padding(batch)
+    key = jax.random.key(11)
+    vmap_sum, vmap_stats = _jitted(setup, clip)(params, batch, mask, key)
+    ghost = jax.jit(clipping.ghost_clipped_grad_sum(loss, l2_norm_clip=clip))
+    ghost_sum, ghost_stats = ghost(params, batch, mask, key)
+
+    chex.assert_trees_all_close(ghost_sum, vmap_sum, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ghost_stats.norms, vmap_stats.norms, rtol=1e-4)
+    np.testing.assert_allclose(ghost_stats.losses, vmap_stats.losses, rtol=1e-5)
+    assert int(ghost_stats.num_nonfinite) == int(vmap_stats.num_nonfinite) == 1
+    assert int(ghost_stats.num_clipped) == int(vmap_stats.num_clipped)
+
+
+def test_ghost_intercepts_only_layers_without_other_uses():
+    loss, params, (images, labels) = _weight_decay_setup()
+    keys = jax.random.split(jax.random.key(0), BATCH)
+    example = (images[0], labels[0])
+    found = clipping._find_layers(loss, params, example, keys[0])
+    kept = clipping._drop_layers_used_elsewhere(loss, found, params, example, keys[0])
+    # CNN calls: Conv_0, Conv_1, Dense_0, Dense_1; the penalty reads Dense_0's kernel.
+    assert [layer is not None for layer in found] == [True, True, True, True]
+    assert [layer is not None for layer in kept] == [True, True, False, True]
+
+
+def test_ghost_intercepts_every_supported_layer():
+    loss, params, (images, labels) = _mixed_setup()
+    key = jax.random.key(0)
+    example = (images[0], labels[0])
+    found = clipping._find_layers(loss, params, example, key)
+    kept = clipping._drop_layers_used_elsewhere(loss, found, params, example, key)
+    assert len(kept) == 6
+    assert all(layer is not None for layer in kept)
