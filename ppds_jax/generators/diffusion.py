@@ -23,7 +23,7 @@ Sampling runs the whole reverse process inside one `lax.scan` under `jax.jit`:
 Classifier-free guidance combines the conditional and null-class predictions as
 eps = (1 + w) eps(x, t, y) - w eps(x, t, null), so w = 0 is the plain conditional model.
 
-The family state is a dict with "params" (the U-Net's Flax variables), and the static
+The family state is a dict with "params" (the U-Net's Flax "params" collection), the static
 "image_shape" (H, W, C) and "num_classes" as plain Python values.
 """
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -59,6 +60,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # Forward process and loss
     "beta_schedule": "cosine",
     "num_timesteps": 1000,
+    # DP-SGD runs gain from k > 1 draws per example at k times the compute, at no privacy cost.
     "noise_multiplicity": 1,
     "label_dropout": 0.1,
     # Sampling
@@ -109,7 +111,11 @@ def make_schedule(kind: str, num_timesteps: int) -> NoiseSchedule:
     """
     if kind not in BETA_SCHEDULES:
         raise ValueError(f"beta_schedule={kind!r} must be one of {BETA_SCHEDULES}")
-    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1:
+    if (
+        isinstance(num_timesteps, bool)
+        or not isinstance(num_timesteps, numbers.Integral)
+        or num_timesteps < 1
+    ):
         raise ValueError(f"num_timesteps={num_timesteps!r} must be an integer >= 1")
     if kind == "linear":
         scale = 1000.0 / num_timesteps
@@ -273,6 +279,52 @@ def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
     return np.round(np.linspace(num_timesteps - 1, 0, num_steps)).astype(np.int32)
 
 
+def ddim_step(
+    eps_fn: EpsFn,
+    schedule: NoiseSchedule,
+    x: jax.Array,
+    t: jax.Array,
+    s: jax.Array,
+    key: jax.Array,
+    *,
+    eta: float = 0.0,
+    clip_denoised: bool = True,
+) -> jax.Array:
+    """Take one DDIM step (Song et al., 2021) from timestep t down to timestep s < t.
+
+    With x_0 and eps estimated from x_t by `eps_fn`, and alpha_bar_{-1} = 1:
+
+    .. math::
+        \\sigma = \\eta \\sqrt{(1 - \\bar\\alpha_s) / (1 - \\bar\\alpha_t)}
+                  \\sqrt{1 - \\bar\\alpha_t / \\bar\\alpha_s}, \\quad
+        x_s = \\sqrt{\\bar\\alpha_s} x_0 + \\sqrt{1 - \\bar\\alpha_s - \\sigma^2} \\epsilon
+              + \\sigma z
+
+    Args:
+      eps_fn: `eps_fn(x, t) -> eps`, t an int32 scalar.
+      x: x_t, shape (B, H, W, C) float32.
+      t: int32 scalar in [0, T).
+      s: int32 scalar in [-1, t); -1 ends at the clean image.
+      key: PRNG key of z.
+      eta: 0 for the deterministic sampler, 1 for DDPM's variance; in [0, 1].
+      clip_denoised: clip the x_0 estimate to [-1, 1].
+
+    Returns:
+      x_s, shape (B, H, W, C) float32.
+    """
+    alpha_bar = schedule.alpha_bars[t]
+    alpha_bar_prev = _alpha_bar_at(schedule, s)
+    clean, eps = _predict_clean_image(eps_fn, x, t, alpha_bar, clip_denoised)
+    sigma = (
+        eta
+        * jnp.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar))
+        * jnp.sqrt(1.0 - alpha_bar / alpha_bar_prev)
+    )
+    direction = jnp.sqrt(jnp.maximum(1.0 - alpha_bar_prev - sigma**2, 0.0)) * eps
+    z = jax.random.normal(key, x.shape)
+    return jnp.sqrt(alpha_bar_prev) * clean + direction + sigma * z
+
+
 def ddim_sample(
     key: jax.Array,
     eps_fn: EpsFn,
@@ -283,19 +335,14 @@ def ddim_sample(
     eta: float = 0.0,
     clip_denoised: bool = True,
 ) -> jax.Array:
-    """Run the DDIM sampler (Song et al., 2021) from pure noise, in one `lax.scan`.
+    """Run the DDIM sampler from pure noise, all steps in one `lax.scan`.
 
-    For consecutive timesteps t > s of `ddim_timesteps(T, num_steps)` (and s = -1 with
-    alpha_bar_{-1} = 1 after the last one), with x_0 and eps from `eps_fn`:
-
-    .. math::
-        \\sigma = \\eta \\sqrt{(1 - \\bar\\alpha_s) / (1 - \\bar\\alpha_t)}
-                  \\sqrt{1 - \\bar\\alpha_t / \\bar\\alpha_s}, \\quad
-        x_s = \\sqrt{\\bar\\alpha_s} x_0 + \\sqrt{1 - \\bar\\alpha_s - \\sigma^2} \\epsilon
-              + \\sigma z
+    Steps `ddim_step` through consecutive timesteps t > s of `ddim_timesteps(T, num_steps)`,
+    and from the last one to s = -1.
 
     Args:
-      key: split into the initial-noise key and one key per step.
+      key: split into the initial-noise key and one key per step,
+        `init_key, loop_key = split(key)` and `step_keys = split(loop_key, num_steps)`.
       eps_fn: `eps_fn(x, t) -> eps`, x of `shape`, t an int32 scalar.
       shape: (B, H, W, C).
       num_steps: number of denoising steps, in [1, T].
@@ -304,6 +351,9 @@ def ddim_sample(
 
     Returns:
       Images of `shape`, float32 clipped to [-1, 1]. Call it under `jax.jit`.
+
+    Raises:
+      ValueError: `eta` outside [0, 1] or `num_steps` outside [1, T].
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta={eta} must be in [0, 1]")
@@ -314,17 +364,8 @@ def ddim_sample(
 
     def step(x, inputs):
         t, s, step_key = inputs
-        alpha_bar = schedule.alpha_bars[t]
-        alpha_bar_prev = _alpha_bar_at(schedule, s)
-        clean, eps = _predict_clean_image(eps_fn, x, t, alpha_bar, clip_denoised)
-        sigma = (
-            eta
-            * jnp.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar))
-            * jnp.sqrt(1.0 - alpha_bar / alpha_bar_prev)
-        )
-        direction = jnp.sqrt(jnp.maximum(1.0 - alpha_bar_prev - sigma**2, 0.0)) * eps
-        z = jax.random.normal(step_key, x.shape)
-        return jnp.sqrt(alpha_bar_prev) * clean + direction + sigma * z, None
+        x = ddim_step(eps_fn, schedule, x, t, s, step_key, eta=eta, clip_denoised=clip_denoised)
+        return x, None
 
     step_keys = jax.random.split(loop_key, num_steps)
     x, _ = jax.lax.scan(step, x, (jnp.asarray(timesteps), jnp.asarray(previous), step_keys))
@@ -418,7 +459,7 @@ def guided_eps_fn(
 
 def _check_int(config: dict[str, Any], name: str, minimum: int) -> None:
     value = config[name]
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
 
 
@@ -601,6 +642,9 @@ def fit(
       FitResult with the trained state, a ledger with one stage "diffusion_dp_sgd" (or None
       without privacy) and history {"loss": per-step mean training loss}.
 
+    NOTE: the state holds the last parameters, not an exponential moving average of them as
+    DDPM samples from, because `training.fit` returns only the final parameters.
+
     Raises:
       ValueError: an invalid option, or images and labels that do not match the state.
     """
@@ -639,6 +683,37 @@ def fit(
     return FitResult(state={**state, "params": params}, ledger=ledger, history=history)
 
 
+def make_sampler(
+    config: dict[str, Any], *, image_shape: Sequence[int], num_classes: int
+) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+    """Build the jit-compiled sampler `run(params, key, labels) -> images` of `config`.
+
+    The whole reverse process of one batch, guidance included, is one compiled program. The
+    result is cached per setting, so repeated calls reuse its compilations.
+
+    Args:
+      config: options, merged into `DEFAULT_CONFIG`.
+      image_shape: (H, W, C).
+      num_classes: number of real classes of the U-Net.
+
+    Returns:
+      `run(params, key, labels)`, labels (B,) int32 in [0, num_classes) and images
+      (B, H, W, C) float32 in [-1, 1]. Labels are not range-checked inside the program.
+    """
+    config = _check_config(config)
+    return _compiled_sampler(
+        _unet(config, num_classes),
+        tuple(image_shape),
+        config["beta_schedule"],
+        config["num_timesteps"],
+        config["sampler"],
+        config["num_sampling_steps"],
+        float(config["eta"]),
+        float(config["guidance_scale"]),
+        config["clip_denoised"],
+    )
+
+
 @functools.lru_cache(maxsize=16)
 def _compiled_sampler(
     model: UNet,
@@ -651,7 +726,6 @@ def _compiled_sampler(
     guidance_scale: float,
     clip_denoised: bool,
 ) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
-    """Jit-compiled `run(params, key, labels) -> images` for one sampler setting."""
     schedule = make_schedule(beta_schedule, num_timesteps)
 
     def run(params, key, labels):
@@ -695,17 +769,7 @@ def sample(
     image_shape = state["image_shape"]
     if labels.size == 0:
         return np.zeros((0, *image_shape), np.float32)
-    run = _compiled_sampler(
-        _unet(config, state["num_classes"]),
-        image_shape,
-        config["beta_schedule"],
-        config["num_timesteps"],
-        config["sampler"],
-        config["num_sampling_steps"],
-        float(config["eta"]),
-        float(config["guidance_scale"]),
-        config["clip_denoised"],
-    )
+    run = make_sampler(config, image_shape=image_shape, num_classes=state["num_classes"])
     chunk_size = min(config["sampling_batch_size"], labels.size)
     chunks = []
     for chunk_index, start in enumerate(range(0, labels.size, chunk_size)):

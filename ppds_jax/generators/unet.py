@@ -117,7 +117,7 @@ class UNet(nn.Module):
         _, height, width, image_channels = x.shape
         embedding_dim = self.embedding_dim or 4 * self.channels
 
-        time_embedding = sinusoidal_embedding(timesteps, self.channels)
+        time_embedding = sinusoidal_embedding(timesteps, 2 * self.channels)
         time_embedding = nn.Dense(embedding_dim)(time_embedding)
         time_embedding = nn.Dense(embedding_dim)(nn.silu(time_embedding))
         class_embedding = nn.Embed(self.num_classes + 1, embedding_dim)(labels)
