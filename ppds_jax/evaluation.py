@@ -160,9 +160,11 @@ def plan_attacks(
     """Choose the attacks to run on `release`.
 
     With `attacks=None`, every attack that `registry.attacks_for_release` lists for the release
-    runs unless it needs more reference models than there are, or a signal that `saved` lacks
-    (for example "generator_score" of a family without a white-box score). Those are returned
-    with the reason instead of raising. Named attacks must all run.
+    runs unless it needs more reference models than there are, a signal that `saved` lacks
+    (for example "generator_score" of a family without a white-box score), or a signal with
+    NaN or infinite values. Those are returned with the reason instead of raising. Named
+    attacks must all run, and a non-finite signal then raises in the attack or in
+    `metrics.attack_metrics` with the count.
 
     Args:
       release: a release kind of `registry.RELEASES`.
@@ -194,10 +196,18 @@ def plan_attacks(
     for name in registry.attacks_for_release(release):
         minimum = registry.ATTACKS[name].min_reference_models
         missing = [signal for signal in SCORERS[name].signals if signal not in saved]
+        non_finite = {
+            signal: int((~np.isfinite(np.asarray(saved[signal], np.float64))).sum())
+            for signal in SCORERS[name].signals
+            if signal in saved
+        }
+        non_finite = {signal: count for signal, count in non_finite.items() if count}
         if num_reference_models < minimum:
             skipped[name] = f"needs >= {minimum} reference models; got {num_reference_models}"
         elif missing:
             skipped[name] = f"signal(s) {missing} not recorded"
+        elif non_finite:
+            skipped[name] = f"NaN or infinite values in signal(s), with counts: {non_finite}"
         else:
             names.append(name)
     return tuple(names), skipped

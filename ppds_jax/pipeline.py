@@ -520,7 +520,7 @@ def synthetic_set_signals(
       - "synthetic_distance" (N,): pixel-space L2 distance to the nearest synthetic image;
       - "synthetic_feature_distance" (N,): the same in the extractor's feature space;
       - "density_ratio" (N,): DOMIAS log density ratio of the synthetic set over the
-        population;
+        population, NaN everywhere when the density estimate fails (see `_density_ratio`);
       - "attacker_logits" (N, num_classes): logits of a classifier trained on the synthetic
         set with `attacker_classifier_config`.
     """
@@ -533,7 +533,7 @@ def synthetic_set_signals(
         "synthetic_feature_distance": distance.nearest_neighbor_distances(
             pool_features, synthetic_features
         ),
-        "density_ratio": density.domias(pool_images, synthetic_images, population_images),
+        "density_ratio": _density_ratio(pool_images, synthetic_images, population_images),
     }
     if attacker_classifier_config is not None:
         attacker = classifier.train_classifier(
@@ -547,3 +547,15 @@ def synthetic_set_signals(
             attacker.params, pool_images, config=attacker.config, num_classes=num_classes
         )
     return {name: np.asarray(value, np.float32) for name, value in signals.items()}
+
+
+def _density_ratio(pool_images, synthetic_images, population_images) -> np.ndarray:
+    """DOMIAS scores of the pool, or NaN for every query when the density estimate fails."""
+    try:
+        return density.domias(pool_images, synthetic_images, population_images)
+    except ValueError:
+        # NOTE: a collapsed generator (near-duplicate samples) or a set of at most 20 samples
+        # has no invertible covariance in DOMIAS's PCA space. The NaN row lets the other
+        # signals of the run be kept; `evaluation.plan_attacks` then skips "domias" and
+        # records the count of non-finite values.
+        return np.full(len(pool_images), np.nan)

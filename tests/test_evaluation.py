@@ -97,6 +97,16 @@ def test_default_plan_records_skipped_attacks():
     assert "white_box_loss" in skipped
 
 
+def test_default_plan_skips_non_finite_signals():
+    masks = _masks()
+    saved = _fake_signals(masks)
+    saved["density_ratio"][2, :5] = np.nan
+    names, skipped = evaluation.plan_attacks("synthetic_data", saved, num_reference_models=4)
+    assert "domias" not in names
+    assert skipped["domias"].endswith("{'density_ratio': 5}")
+    assert "gan_leaks_pixel" in names
+
+
 def test_missing_signal_of_named_attack_raises():
     masks = _masks()
     labels, population_labels = _labels()

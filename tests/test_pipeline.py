@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from ppds_jax import accounting, classifier, generators
+from ppds_jax import accounting, classifier, generators, pipeline
 from ppds_jax.generators.base import FitResult, GeneratorFamily
 from ppds_jax.pipeline import PipelineSpec, run_pipeline
 
@@ -197,3 +197,23 @@ class TestRunPipeline:
         together = np.concatenate([call["images"], validation_images])
         assert sorted(map(bytes, together)) == sorted(map(bytes, images))
         assert call["privacy"] is None
+
+
+def test_collapsed_synthetic_set_gets_nan_density_ratio():
+    rng = np.random.default_rng(0)
+    pool = rng.uniform(-1, 1, (30, 8, 8, 1)).astype(np.float32)
+    # Identical samples, as from a collapsed generator: no density can be fitted to them.
+    collapsed = np.repeat(pool[:1], 40, axis=0)
+    signals = pipeline.synthetic_set_signals(
+        jax.random.key(0),
+        collapsed,
+        np.zeros(40, np.int32),
+        pool,
+        pool,
+        num_classes=NUM_CLASSES,
+        attacker_classifier_config=None,
+    )
+    assert np.isnan(signals["density_ratio"]).all()
+    assert np.isfinite(signals["synthetic_distance"]).all()
+    assert np.isfinite(signals["synthetic_feature_distance"]).all()
+    assert signals["synthetic_distance"][0] == 0
