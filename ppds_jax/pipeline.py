@@ -550,7 +550,7 @@ def synthetic_set_signals(
 
 
 def _density_ratio(pool_images, synthetic_images, population_images) -> np.ndarray:
-    """DOMIAS scores of the pool, or NaN for every query when the density estimate fails."""
+    """Score the pool with DOMIAS, or return NaN for every query when the density fit fails."""
     try:
         return density.domias(pool_images, synthetic_images, population_images)
     except ValueError:

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from ppds_jax import datasets, evaluation, membership, metrics
+from ppds_jax import datasets, evaluation, features, membership, metrics
 from ppds_jax.attacks import registry
 from ppds_jax.pipeline import PipelineSpec, collect_signals, run_pipeline, synthetic_set_signals
 
@@ -234,6 +234,24 @@ def test_nearest_neighbour_attack_finds_exact_copies():
     )
     for name, values in scores.items():
         assert metrics.attack_metrics(values, masks[0])["auc"] == 1.0, name
+
+
+class TestFeatureExtractors:
+    def test_random_extractor_depends_only_on_seed(self):
+        images = np.random.default_rng(0).uniform(-1, 1, (5, 8, 8, 1)).astype(np.float32)
+        first = features.embed(features.random_extractor((8, 8, 1), seed=0), images)
+        again = features.embed(features.random_extractor((8, 8, 1), seed=0), images)
+        other = features.embed(features.random_extractor((8, 8, 1), seed=1), images)
+        assert first.shape == (5, 128)
+        np.testing.assert_array_equal(first, again)
+        assert not np.allclose(first, other)
+
+    def test_population_extractor_embeds_to_hidden_width(self):
+        (images, labels), _ = _pool_and_population(40, 0)
+        extractor = features.population_extractor(
+            jax.random.key(0), images, labels, num_classes=10, num_steps=2, batch_size=8
+        )
+        assert features.embed(extractor, images[:3]).shape == (3, 128)
 
 
 def _pool_and_population(pool_size, population_size):
