@@ -165,21 +165,19 @@ def fit(
     )
 
 
-def _fit_non_private(
-    key,
-    params,
+def make_non_private_step(
+    per_example_loss: clipping.PerExampleLoss,
+    optimizer: optax.GradientTransformation,
     *,
-    per_example_loss,
-    data,
-    optimizer,
-    num_steps,
-    batch_size,
-    progress,
-    progress_desc,
+    batch_size: int,
 ):
-    dataset_size = data[0].shape[0]
-    shuffle_key, loop_key = jax.random.split(key)
-    rng = np.random.default_rng(_host_seed(shuffle_key))
+    """Build `fit`'s jitted non-private step.
+
+    Returns:
+      `step(params, opt_state, data, indices, key) -> (params, opt_state, loss)`, where `data`
+      is the tuple of device arrays, `indices` (batch_size,) int rows of this step, `key` the
+      step's key (split into one key per example) and `loss` the batch mean.
+    """
     batched_loss = jax.vmap(per_example_loss, in_axes=(None, 0, 0))
 
     def mean_loss(params, batch, key):
@@ -193,25 +191,25 @@ def _fit_non_private(
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    opt_state = optimizer.init(params)
-    batches_per_epoch = dataset_size // batch_size
-    losses = []
-    order = None
-    for step_index in tqdm.trange(num_steps, desc=progress_desc, disable=not progress):
-        position = step_index % batches_per_epoch
-        if position == 0:
-            order = rng.permutation(dataset_size)
-        indices = order[position * batch_size : (position + 1) * batch_size]
-        params, opt_state, loss = step(
-            params, opt_state, data, indices, jax.random.fold_in(loop_key, step_index)
-        )
-        losses.append(loss)
-    return params, FitStats(loss=np.asarray(jax.device_get(losses), dtype=np.float64))
+    return step
 
 
-def _fit_private(key, params, *, clip_fn, data, optimizer, dp, progress, progress_desc):
-    dataset_size = data[0].shape[0]
-    sampling_key, loop_key = jax.random.split(key)
+def make_private_steps(clip_fn, optimizer: optax.GradientTransformation, dp: dp_sgd.DpSgdConfig):
+    """Build `fit`'s jitted DP-SGD functions for one physical chunk of a Poisson batch.
+
+    Args:
+      clip_fn: `fn(params, batch, mask, key) -> (clipped_sum, ClipStats)`, from
+        `dp_sgd.make_clip_fn`.
+      optimizer: an optax transformation.
+      dp: the run's settings.
+
+    Returns:
+      `(accumulate, step)`. `accumulate(params, total, data, indices, mask, key) -> (total,
+      summary)` adds one chunk's clipped sum to `total`. `step(params, opt_state, total, data,
+      indices, mask, key, noise_key) -> (params, opt_state, summary)` adds the last chunk, adds
+      noise once and applies the update. `summary` is (sum of finite losses, their count,
+      clipped count, non-finite count) of the chunk.
+    """
 
     def chunk_sum(params, data, indices, mask, key):
         batch = tuple(array[indices] for array in data)
@@ -237,6 +235,45 @@ def _fit_private(key, params, *, clip_fn, data, optimizer, dp, progress, progres
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, summary
 
+    return accumulate, step
+
+
+def _fit_non_private(
+    key,
+    params,
+    *,
+    per_example_loss,
+    data,
+    optimizer,
+    num_steps,
+    batch_size,
+    progress,
+    progress_desc,
+):
+    dataset_size = data[0].shape[0]
+    shuffle_key, loop_key = jax.random.split(key)
+    rng = np.random.default_rng(_host_seed(shuffle_key))
+    step = make_non_private_step(per_example_loss, optimizer, batch_size=batch_size)
+    opt_state = optimizer.init(params)
+    batches_per_epoch = dataset_size // batch_size
+    losses = []
+    order = None
+    for step_index in tqdm.trange(num_steps, desc=progress_desc, disable=not progress):
+        position = step_index % batches_per_epoch
+        if position == 0:
+            order = rng.permutation(dataset_size)
+        indices = order[position * batch_size : (position + 1) * batch_size]
+        params, opt_state, loss = step(
+            params, opt_state, data, indices, jax.random.fold_in(loop_key, step_index)
+        )
+        losses.append(loss)
+    return params, FitStats(loss=np.asarray(jax.device_get(losses), dtype=np.float64))
+
+
+def _fit_private(key, params, *, clip_fn, data, optimizer, dp, progress, progress_desc):
+    dataset_size = data[0].shape[0]
+    sampling_key, loop_key = jax.random.split(key)
+    accumulate, step = make_private_steps(clip_fn, optimizer, dp)
     batches = batch_selection.poisson_batches(
         seed=_host_seed(sampling_key),
         dataset_size=dataset_size,
