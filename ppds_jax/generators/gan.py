@@ -340,10 +340,36 @@ def fit(
     if batch_size > dataset_size:
         raise ValueError(f"batch_size={batch_size} must be <= dataset_size={dataset_size}")
     num_steps = int(config["num_epochs"]) * math.ceil(dataset_size / batch_size)
-    trainer = _Trainer(state, config)
+    generator, discriminator = _modules(state, config)
+    optimizer = _optimizer(config)
+    models = dict(
+        generator=generator,
+        discriminator=discriminator,
+        latent_dim=int(config["latent_dim"]),
+        num_classes=state["num_classes"],
+    )
+    generator_update = jax.jit(
+        functools.partial(generator_step, optimizer=optimizer, num_samples=batch_size, **models)
+    )
 
     if privacy is None:
-        return trainer.fit_non_private(key, images, labels, num_steps=num_steps, progress=progress)
+        discriminator_update = jax.jit(
+            functools.partial(discriminator_step, optimizer=optimizer, **models)
+        )
+        params, history = _fit_non_private(
+            key,
+            state["params"],
+            images,
+            labels,
+            optimizer=optimizer,
+            discriminator_update=discriminator_update,
+            generator_update=generator_update,
+            num_steps=num_steps,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        return _fit_result(state, params, None, history)
+
     dp_config = dp_sgd.make_dp_sgd_config(
         target_epsilon=privacy.target_epsilon,
         target_delta=privacy.target_delta,
@@ -353,154 +379,232 @@ def fit(
         l2_norm_clip=privacy.l2_norm_clip,
         accountant=privacy.accountant,
     )
-    return trainer.fit_private(key, images, labels, dp_config=dp_config, progress=progress)
+    chunk_clipped_sum = jax.jit(
+        functools.partial(
+            discriminator_clipped_grad_sum, l2_norm_clip=dp_config.l2_norm_clip, **models
+        )
+    )
+    params, history = _fit_private(
+        key,
+        state["params"],
+        images,
+        labels,
+        optimizer=optimizer,
+        chunk_clipped_sum=chunk_clipped_sum,
+        generator_update=generator_update,
+        dp_config=dp_config,
+        progress=progress,
+    )
+    ledger = accounting.PrivacyLedger()
+    ledger.add_stage("dp_sgd", dp_sgd.dp_sgd_event(dp_config), dataclasses.asdict(dp_config))
+    return _fit_result(state, params, ledger, history)
 
 
-class _Trainer:
-    """Jitted discriminator and generator steps for one state and config."""
+def discriminator_loss(
+    params: Any,
+    key: jax.Array,
+    real_images: jax.Array,
+    real_labels: jax.Array,
+    *,
+    generator: Generator,
+    discriminator: Discriminator,
+    latent_dim: int,
+    num_classes: int,
+) -> jax.Array:
+    """Compute the mean row loss of a real batch, each row paired with a fresh fake.
 
-    def __init__(self, state, config):
-        self.state = state
-        self.generator, self.discriminator = _modules(state, config)
-        self.optimizer = _optimizer(config)
-        self.batch_size = int(config["batch_size"])
-        self.latent_dim = int(config["latent_dim"])
-        self.num_classes = state["num_classes"]
-        self.row_loss = functools.partial(discriminator_row_loss, discriminator=self.discriminator)
-        self.generator_step = jax.jit(self._generator_step)
+    Args:
+      params: {"generator", "discriminator"} parameters.
+      key: PRNG key for the fakes (`generate_fakes`).
+      real_images: shape (B, H, W, C), float32 in [-1, 1].
+      real_labels: shape (B,), int32.
+      generator, discriminator, latent_dim, num_classes: the models and their sizes.
 
-    def _fakes(self, generator_params, key, num_samples):
-        return generate_fakes(
-            generator_params,
+    Returns:
+      Mean over rows of `discriminator_row_loss`, a scalar; it is differentiable in
+      params["discriminator"] and treats the fakes as constants.
+    """
+    fake_images, fake_labels = generate_fakes(
+        jax.lax.stop_gradient(params["generator"]),
+        key,
+        generator=generator,
+        num_samples=real_images.shape[0],
+        latent_dim=latent_dim,
+        num_classes=num_classes,
+    )
+    batch = (real_images, real_labels, fake_images, fake_labels)
+    row_loss = functools.partial(discriminator_row_loss, discriminator=discriminator)
+    return jnp.mean(jax.vmap(row_loss, in_axes=(None, 0))(params["discriminator"], batch))
+
+
+def discriminator_step(
+    params: Any,
+    opt_state: Any,
+    key: jax.Array,
+    real_images: jax.Array,
+    real_labels: jax.Array,
+    *,
+    optimizer: optax.GradientTransformation,
+    generator: Generator,
+    discriminator: Discriminator,
+    latent_dim: int,
+    num_classes: int,
+) -> tuple[Any, Any, jax.Array]:
+    """Take one non-private optimizer step on `discriminator_loss`.
+
+    Returns:
+      (params with the discriminator updated, its new optimizer state, the loss before the step).
+    """
+
+    def loss_fn(discriminator_params):
+        return discriminator_loss(
+            {**params, "discriminator": discriminator_params},
             key,
-            generator=self.generator,
-            num_samples=num_samples,
-            latent_dim=self.latent_dim,
-            num_classes=self.num_classes,
+            real_images,
+            real_labels,
+            generator=generator,
+            discriminator=discriminator,
+            latent_dim=latent_dim,
+            num_classes=num_classes,
         )
 
-    def _generator_step(self, params, opt_state, key):
-        loss_fn = functools.partial(
-            generator_loss,
-            generator=self.generator,
-            discriminator=self.discriminator,
-            num_samples=self.batch_size,
-            latent_dim=self.latent_dim,
-            num_classes=self.num_classes,
+    loss, grads = jax.value_and_grad(loss_fn)(params["discriminator"])
+    updates, opt_state = optimizer.update(grads, opt_state, params["discriminator"])
+    discriminator_params = optax.apply_updates(params["discriminator"], updates)
+    return {**params, "discriminator": discriminator_params}, opt_state, loss
+
+
+def generator_step(
+    params: Any,
+    opt_state: Any,
+    key: jax.Array,
+    *,
+    optimizer: optax.GradientTransformation,
+    generator: Generator,
+    discriminator: Discriminator,
+    num_samples: int,
+    latent_dim: int,
+    num_classes: int,
+) -> tuple[Any, Any, jax.Array]:
+    """Take one optimizer step on `generator_loss`; it reads no data, only the discriminator.
+
+    Returns:
+      (params with the generator updated, its new optimizer state, the loss before the step).
+    """
+    loss_fn = functools.partial(
+        generator_loss,
+        generator=generator,
+        discriminator=discriminator,
+        num_samples=num_samples,
+        latent_dim=latent_dim,
+        num_classes=num_classes,
+    )
+    loss, grads = jax.value_and_grad(loss_fn)(params["generator"], params["discriminator"], key)
+    updates, opt_state = optimizer.update(grads, opt_state, params["generator"])
+    generator_params = optax.apply_updates(params["generator"], updates)
+    return {**params, "generator": generator_params}, opt_state, loss
+
+
+def _fit_non_private(
+    key,
+    params,
+    images,
+    labels,
+    *,
+    optimizer,
+    discriminator_update,
+    generator_update,
+    num_steps,
+    batch_size,
+    progress,
+):
+    """Alternate mean-gradient discriminator steps on shuffled batches and generator steps."""
+    d_opt_state = optimizer.init(params["discriminator"])
+    g_opt_state = optimizer.init(params["generator"])
+    order_key, step_key = jax.random.split(key)
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(order_key)).ravel())
+    order = np.empty(0, dtype=np.int64)
+    history = {"discriminator_loss": [], "generator_loss": []}
+    for step in tqdm.trange(num_steps, disable=not progress, desc="gan"):
+        if order.size < batch_size:
+            order = np.concatenate([order, rng.permutation(images.shape[0])])
+        batch, order = order[:batch_size], order[batch_size:]
+        fake_key, generator_key = jax.random.split(jax.random.fold_in(step_key, step))
+        params, d_opt_state, d_loss = discriminator_update(
+            params, d_opt_state, fake_key, images[batch], labels[batch]
         )
-        loss, grads = jax.value_and_grad(loss_fn)(params["generator"], params["discriminator"], key)
-        updates, opt_state = self.optimizer.update(grads, opt_state, params["generator"])
-        generator_params = optax.apply_updates(params["generator"], updates)
-        return {**params, "generator": generator_params}, opt_state, loss
+        params, g_opt_state, g_loss = generator_update(params, g_opt_state, generator_key)
+        history["discriminator_loss"].append(d_loss)
+        history["generator_loss"].append(g_loss)
+    return params, history
 
-    def fit_non_private(self, key, images, labels, *, num_steps, progress) -> FitResult:
-        """Alternate mean-gradient discriminator steps and generator steps."""
-        optimizer = self.optimizer
 
-        @jax.jit
-        def discriminator_step(params, opt_state, key, real_images, real_labels):
-            fake_images, fake_labels = self._fakes(params["generator"], key, real_images.shape[0])
-            batch = (real_images, real_labels, fake_images, fake_labels)
+def _fit_private(
+    key,
+    params,
+    images,
+    labels,
+    *,
+    optimizer,
+    chunk_clipped_sum,
+    generator_update,
+    dp_config,
+    progress,
+):
+    """Alternate DP-SGD discriminator steps and (post-processing) generator steps."""
 
-            def mean_loss(discriminator_params):
-                losses = jax.vmap(self.row_loss, in_axes=(None, 0))(discriminator_params, batch)
-                return jnp.mean(losses)
+    @jax.jit
+    def discriminator_update(params, opt_state, noise_key, clipped_sum):
+        grads = dp_sgd.noisy_gradient(noise_key, clipped_sum, dp_config)
+        updates, opt_state = optimizer.update(grads, opt_state, params["discriminator"])
+        discriminator_params = optax.apply_updates(params["discriminator"], updates)
+        return {**params, "discriminator": discriminator_params}, opt_state
 
-            loss, grads = jax.value_and_grad(mean_loss)(params["discriminator"])
-            updates, opt_state = optimizer.update(grads, opt_state, params["discriminator"])
-            discriminator_params = optax.apply_updates(params["discriminator"], updates)
-            return {**params, "discriminator": discriminator_params}, opt_state, loss
-
-        params = self.state["params"]
-        d_opt_state = optimizer.init(params["discriminator"])
-        g_opt_state = optimizer.init(params["generator"])
-        order_key, step_key = jax.random.split(key)
-        rng = np.random.default_rng(np.asarray(jax.random.key_data(order_key)).ravel())
-        batch_size = min(self.batch_size, images.shape[0])
-        order = np.empty(0, dtype=np.int64)
-        history = {"discriminator_loss": [], "generator_loss": []}
-        for step in tqdm.trange(num_steps, disable=not progress, desc="gan"):
-            if order.size < batch_size:
-                order = np.concatenate([order, rng.permutation(images.shape[0])])
-            batch, order = order[:batch_size], order[batch_size:]
-            fake_key, generator_key = jax.random.split(jax.random.fold_in(step_key, step))
-            params, d_opt_state, d_loss = discriminator_step(
-                params, d_opt_state, fake_key, images[batch], labels[batch]
+    d_opt_state = optimizer.init(params["discriminator"])
+    g_opt_state = optimizer.init(params["generator"])
+    sampler_key, step_key = jax.random.split(key)
+    batches = batch_selection.poisson_batches(
+        seed=int(jax.random.randint(sampler_key, (), 0, np.iinfo(np.int32).max)),
+        dataset_size=images.shape[0],
+        sampling_prob=dp_config.sampling_prob,
+        num_steps=dp_config.num_steps,
+        physical_batch_size=dp_config.physical_batch_size,
+    )
+    rows = dp_config.physical_batch_size
+    history = {"discriminator_loss": [], "generator_loss": []}
+    progress_bar = tqdm.tqdm(batches, total=dp_config.num_steps, disable=not progress, desc="gan")
+    for step, poisson_batch in enumerate(progress_bar):
+        chunk_key, noise_key, generator_key = jax.random.split(
+            jax.random.fold_in(step_key, step), 3
+        )
+        # The clipped sums of all chunks are added first and noised once, as accounted.
+        clipped_sum, loss_sum = None, 0.0
+        for chunk in range(poisson_batch.num_chunks):
+            chunk_rows = slice(chunk * rows, (chunk + 1) * rows)
+            indices = poisson_batch.indices[chunk_rows]
+            chunk_sum, stats = chunk_clipped_sum(
+                params,
+                jax.random.fold_in(chunk_key, chunk),
+                images[indices],
+                labels[indices],
+                poisson_batch.mask[chunk_rows],
             )
-            params, g_opt_state, g_loss = self.generator_step(params, g_opt_state, generator_key)
-            history["discriminator_loss"].append(d_loss)
-            history["generator_loss"].append(g_loss)
-        return self._result(params, None, history)
+            if clipped_sum is None:
+                clipped_sum = chunk_sum
+            else:
+                clipped_sum = jax.tree.map(jnp.add, clipped_sum, chunk_sum)
+            loss_sum += stats.losses.sum()
+        params, d_opt_state = discriminator_update(params, d_opt_state, noise_key, clipped_sum)
+        params, g_opt_state, g_loss = generator_update(params, g_opt_state, generator_key)
+        history["discriminator_loss"].append(loss_sum / max(poisson_batch.size, 1))
+        history["generator_loss"].append(g_loss)
+    return params, history
 
-    def fit_private(self, key, images, labels, *, dp_config, progress) -> FitResult:
-        """Alternate DP-SGD discriminator steps and (post-processing) generator steps."""
-        optimizer = self.optimizer
-        chunk_clipped_sum = jax.jit(
-            functools.partial(
-                discriminator_clipped_grad_sum,
-                generator=self.generator,
-                discriminator=self.discriminator,
-                latent_dim=self.latent_dim,
-                num_classes=self.num_classes,
-                l2_norm_clip=dp_config.l2_norm_clip,
-            )
-        )
 
-        @jax.jit
-        def discriminator_update(params, opt_state, key, clipped_sum):
-            grads = dp_sgd.noisy_gradient(key, clipped_sum, dp_config)
-            updates, opt_state = optimizer.update(grads, opt_state, params["discriminator"])
-            discriminator_params = optax.apply_updates(params["discriminator"], updates)
-            return {**params, "discriminator": discriminator_params}, opt_state
-
-        params = self.state["params"]
-        d_opt_state = optimizer.init(params["discriminator"])
-        g_opt_state = optimizer.init(params["generator"])
-        sampler_key, step_key = jax.random.split(key)
-        batches = batch_selection.poisson_batches(
-            seed=int(jax.random.randint(sampler_key, (), 0, np.iinfo(np.int32).max)),
-            dataset_size=images.shape[0],
-            sampling_prob=dp_config.sampling_prob,
-            num_steps=dp_config.num_steps,
-            physical_batch_size=dp_config.physical_batch_size,
-        )
-        rows = dp_config.physical_batch_size
-        history = {"discriminator_loss": [], "generator_loss": []}
-        progress_bar = tqdm.tqdm(batches, total=dp_config.num_steps, disable=not progress)
-        for step, poisson_batch in enumerate(progress_bar):
-            chunk_key, noise_key, generator_key = jax.random.split(
-                jax.random.fold_in(step_key, step), 3
-            )
-            # The clipped sums of all chunks are added first and noised once, as accounted.
-            clipped_sum, loss_sum = None, 0.0
-            for chunk in range(poisson_batch.num_chunks):
-                rows_slice = slice(chunk * rows, (chunk + 1) * rows)
-                indices = poisson_batch.indices[rows_slice]
-                chunk_sum, stats = chunk_clipped_sum(
-                    params,
-                    jax.random.fold_in(chunk_key, chunk),
-                    images[indices],
-                    labels[indices],
-                    poisson_batch.mask[rows_slice],
-                )
-                clipped_sum = (
-                    chunk_sum
-                    if clipped_sum is None
-                    else jax.tree.map(jnp.add, clipped_sum, chunk_sum)
-                )
-                loss_sum += stats.losses.sum()
-            params, d_opt_state = discriminator_update(params, d_opt_state, noise_key, clipped_sum)
-            params, g_opt_state, g_loss = self.generator_step(params, g_opt_state, generator_key)
-            history["discriminator_loss"].append(loss_sum / max(poisson_batch.size, 1))
-            history["generator_loss"].append(g_loss)
-
-        ledger = accounting.PrivacyLedger()
-        ledger.add_stage("dp_sgd", dp_sgd.dp_sgd_event(dp_config), dataclasses.asdict(dp_config))
-        return self._result(params, ledger, history)
-
-    def _result(self, params, ledger, history) -> FitResult:
-        history = {name: [float(value) for value in values] for name, values in history.items()}
-        return FitResult(state={**self.state, "params": params}, ledger=ledger, history=history)
+def _fit_result(state, params, ledger, history) -> FitResult:
+    """Package the trained parameters, with the history moved to Python floats."""
+    history = {name: [float(value) for value in values] for name, values in history.items()}
+    return FitResult(state={**state, "params": params}, ledger=ledger, history=history)
 
 
 @functools.partial(jax.jit, static_argnames=("generator", "latent_dim", "num_classes"))
