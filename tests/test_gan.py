@@ -68,6 +68,7 @@ class TestModels:
             )
         )
         state = {**arrays, **static}
+
         height, width, channels = image_shape
         generator_params = state["params"]["generator"]
         assert generator_params["Dense_0"]["kernel"].shape == (
@@ -79,6 +80,7 @@ class TestModels:
             10,
             (height // 4) * (width // 4) * 8,
         )
+
         images = jax.eval_shape(
             lambda arrays: gan.sample(
                 jax.random.key(1), {**arrays, **static}, np.arange(5), config=config
@@ -197,7 +199,7 @@ class TestPrivateDiscriminator:
 class TestTraining:
     def test_steps_move_losses_in_known_directions(self, state_8x8, digits):
         # Discriminator steps on one fixed batch (same fakes every step) lower its loss and make
-        # it score real rows above fakes; generator steps against that frozen discriminator
+        # it score real rows above fakes. Generator steps against that frozen discriminator
         # then lower the generator loss. A sign error in either loss breaks one of the checks.
         config = _config()
         generator, discriminator = gan._modules(state_8x8, config)

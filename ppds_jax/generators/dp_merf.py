@@ -40,8 +40,8 @@ training, is post-processing.
 
 Post-processing of the noisy embedding. The class proportions are the clipped and normalised
 last row. The feature rows are divided by sqrt(1 - c^2) and by the noisy total mass
-sum_k n_k / N, so that each column k estimates (n_k / n) times the mean feature of class k, which
-is what the generator's embedding estimates when its labels follow the class proportions.
+sum_k n_k / N. Each column k then estimates (n_k / n) times the mean feature of class k. The
+generator's embedding estimates the same quantity when its labels follow the class proportions.
 """
 
 from __future__ import annotations
@@ -440,7 +440,9 @@ def fit(
         raise ValueError(f"images have shape {images.shape}; expected (n, *{state['image_shape']})")
     labels = _check_labels(labels, state["num_classes"])
     if labels.shape[0] != images.shape[0]:
-        raise ValueError(f"{labels.shape[0]} labels for {images.shape[0]} images")
+        raise ValueError(
+            f"labels has {labels.shape[0]} rows but images has {images.shape[0]}; they must match"
+        )
     release_key, train_key = jax.random.split(key)
     frequencies = _frequencies(state, config)
     weight = float(config["count_feature_weight"])

@@ -333,7 +333,9 @@ def fit(
         raise ValueError(f"images have shape {images.shape}; expected (n, *{state['image_shape']})")
     labels = _check_labels(labels, state["num_classes"])
     if labels.shape[0] != images.shape[0]:
-        raise ValueError(f"{labels.shape[0]} labels for {images.shape[0]} images")
+        raise ValueError(
+            f"labels has {labels.shape[0]} rows but images has {images.shape[0]}; they must match"
+        )
 
     dataset_size = privacy.dataset_size if privacy is not None else images.shape[0]
     batch_size = int(config["batch_size"])
