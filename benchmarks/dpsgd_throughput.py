@@ -3,12 +3,12 @@
 Usage:
   python -m benchmarks.dpsgd_throughput [--quick] [--repeats N]
 
-For each model and batch size, every method trains the same model on the same batch: `fit`'s
-jitted non-private step, `fit`'s DP-SGD step with ghost (book-keeping) clipping and with vmap
-clipping, and, when torch and opacus import, the same architecture in PyTorch without DP and
-under Opacus with per-example gradients from hooks and with ghost clipping. Each step is
-compiled and warmed up first, then the methods run in turn within each repeat, so that load on
-the machine hits all of them alike; the table shows medians over the repeats.
+For each model and batch size, every method trains the same model on the same batch. The JAX
+methods are `fit`'s jitted non-private step and its DP-SGD step with ghost (book-keeping) and
+with vmap clipping. When torch and opacus import, the same architecture also runs in PyTorch
+without DP and under Opacus, with per-example gradients from hooks and with ghost clipping.
+Each step is compiled and warmed up first. Then the methods run in turn within each repeat, so
+that load on the machine hits all of them alike, and the table shows medians over the repeats.
 
 Writes benchmarks/results/dpsgd_throughput.json. --quick measures the CNN at batch 256 and
 WRN-16-4 at batch 8 (ghost clipping only) with 3 repeats; most of its time is compilation.
@@ -179,13 +179,14 @@ def _torch_modules():
 
 
 def _torch_steps(name: str, images: np.ndarray, labels: np.ndarray) -> dict[str, Callable]:
-    """One training step each: PyTorch without DP, Opacus with hooks, Opacus ghost clipping."""
+    """Build one training step each for PyTorch without DP, Opacus hooks and Opacus ghost."""
     import torch
     from opacus import PrivacyEngine
 
     # Opacus's hooks fire on module outputs because the images do not require gradients,
     # which is intended here; PyTorch warns about it on every step.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    warnings.filterwarnings("ignore", message="Secure RNG turned off")
     inputs = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
     targets = torch.from_numpy(labels.astype(np.int64))
     loader = torch.utils.data.DataLoader(
@@ -242,7 +243,7 @@ def _opacus_step(mode, private, inputs, targets) -> Callable[[], None]:
 
 
 def _torch_available() -> str | None:
-    """None if torch and opacus import, else the reason they do not."""
+    """Return None if torch and opacus import, else the reason they do not."""
     try:
         import opacus  # noqa: F401
         import torch  # noqa: F401
@@ -277,10 +278,12 @@ def _format(value: float | None, spec: str) -> str:
 def run(*, quick: bool, repeats: int) -> dict:
     """Measure every model and batch size; return the results as a JSON-ready dict."""
     torch_missing = _torch_available()
+    torch_threads = None
     if torch_missing is None:
         import torch
 
         torch.manual_seed(0)
+        torch_threads = torch.get_num_threads()
     rows = []
     for name, spec in MODELS.items():
         for batch_size in spec["quick" if quick else "full"]:
@@ -306,6 +309,7 @@ def run(*, quick: bool, repeats: int) -> dict:
             "jax_backend": jax.default_backend(),
             "jax_version": jax.__version__,
         },
+        "torch_threads": torch_threads,
         "opacus": "measured" if torch_missing is None else f"not measured: {torch_missing}",
         "rows": rows,
     }

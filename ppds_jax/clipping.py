@@ -72,7 +72,7 @@ def _scale_factor(norms: jax.Array, clip: float) -> tuple[jax.Array, jax.Array]:
 
 
 def _weighted_row_sum(weights: jax.Array, valid: jax.Array, leaf: jax.Array) -> jax.Array:
-    """sum_i weights[i] * leaf[i] over rows where valid[i]; invalid rows give exactly zero."""
+    """Return sum_i weights[i] * leaf[i] over rows where valid[i], so invalid rows add zero."""
     shaped_valid = jnp.reshape(valid, (-1,) + (1,) * (leaf.ndim - 1))
     leaf = jnp.where(shaped_valid, leaf, 0.0)
     return jnp.tensordot(weights.astype(leaf.dtype), leaf, axes=1)
@@ -192,12 +192,11 @@ def clipped_grad_sum(
 
 # Book-keeping ("ghost") clipping for Flax Dense and Conv layers.
 #
-# For a layer y = f(W, x) that is linear in W, the per-example gradient is a product of the
-# layer input x_i and the gradient of the loss with respect to the output, g_i. One backward
-# pass with respect to zero "probes" added to each layer's output yields every g_i, so the
-# per-example norms follow from (x_i, g_i) without per-example weight gradients for dense
-# layers, and the clipped sum is one batched weight-gradient product per layer, weighted by the
-# clip factors. Layers that are not intercepted get per-example gradients by vmap as before.
+# For a layer y = f(W, x) that is linear in W, the per-example gradient is a sum over positions
+# of products of the layer input x_i and the gradient g_i of the loss with respect to the
+# output. One backward pass with respect to zero "probes" added to each layer's output yields
+# every g_i, so per-example norms follow from (x_i, g_i). Layers that are not intercepted get
+# per-example gradients by vmap as before.
 
 
 class _Layer(NamedTuple):
@@ -214,7 +213,7 @@ def _is_linear_layer_call(context, args, kwargs) -> bool:
         return False
     module = context.module
     if type(module) is nn.Dense:
-        return True
+        return module.dot_general is None and module.dot_general_cls is None
     if type(module) is not nn.Conv:
         return False
     padding = _lax_padding(module)
@@ -288,8 +287,8 @@ def _outer_product_sums(x, g) -> tuple[jax.Array, jax.Array | None]:
 
     Returns:
       (squared norms (B,), per-example products (B, fan_in, fan_out) or None). The products
-      are formed only when that is cheaper than the Gram-matrix identity; then the clipped
-      sum is their weighted sum and needs no second weight-gradient pass.
+      are formed only when that is cheaper than the Gram-matrix identity. In that case the
+      clipped sum is their weighted sum and needs no second weight-gradient pass.
     """
     positions, fan_in, fan_out = x.shape[1], x.shape[2], g.shape[2]
     if positions == 1:
@@ -393,17 +392,22 @@ def ghost_clipped_grad_sum(
     2. Per-example norms come from (x_i, g_i): ||x_i|| ||g_i|| for a dense layer on one
        position, otherwise the cheaper of the Gram-matrix identity and an explicit product of
        image patches and g_i.
-    3. The clipped sum of each layer is one batched weight gradient with every g_i scaled by
-       its clip factor, instead of a sum of materialised per-example gradients.
+    3. A layer whose per-example gradients step 2 formed contributes their weighted sum.
+       Any other layer contributes one batched weight gradient with every g_i scaled by its
+       clip factor, instead of a sum of materialised per-example gradients.
 
-    Rows that are masked or whose gradient is not finite have x_i and g_i set to zero before
-    step 3, so they contribute exactly zero, as in `clipped_grad_sum`.
+    Rows that are masked or whose gradient is not finite are set to zero (x_i, g_i or the
+    formed gradients) before step 3, so they contribute exactly zero, as in
+    `clipped_grad_sum`. This is the book-keeping method of Bu, Wang, Zha and Karypis
+    ("Differentially Private Optimization on Large Model at Small Cost", ICML 2023), with the
+    choice between the Gram identity and formed per-example gradients made per layer by cost.
 
-    Layers are intercepted with `flax.linen.intercept_methods` while the loss runs. A Dense or
-    Conv call is handled by vmap instead when its parameters are not leaves of `params` as
-    given, when two calls share a parameter, when the loss also reads its parameters outside
-    the call (found by tracing), or when the Conv uses feature groups, input dilation, a mask
-    or circular or causal padding. A loss without such layers runs entirely by vmap.
+    Layers are intercepted with `flax.linen.intercept_methods` while the loss runs. Some Dense
+    and Conv calls are handled by vmap instead: those whose parameters are not leaves of
+    `params` as given, those that share a parameter with another call, and those whose
+    parameters the loss also reads outside the call (found by tracing). So are Conv calls with
+    feature groups, input dilation, a mask or circular or causal padding, and Dense calls with
+    a custom dot_general. A loss without such layers runs entirely by vmap.
 
     Args:
       per_example_loss: `loss(params, example, key) -> scalar` that applies Flax modules.
@@ -413,7 +417,8 @@ def ghost_clipped_grad_sum(
       jittable `fn(params, batch, mask, key) -> (clipped_sum, ClipStats)`.
 
     Raises:
-      ValueError: `l2_norm_clip` is not > 0.
+      ValueError: `l2_norm_clip` is not > 0, or (when traced) the loss calls its layers in a
+        different order on a second trace.
     """
     _validate_clip(l2_norm_clip)
 
@@ -486,10 +491,11 @@ def _probed_loss(per_example_loss, layers):
     Returns `loss(params, probes, example, key) -> (loss, inputs)`. The gradient with respect
     to a probe is the gradient with respect to that layer's output. Intercepted layers read
     their parameters through `stop_gradient`, so the parameter gradient of those leaves is
-    zero (and XLA drops it); it is rebuilt from the recorded inputs and output gradients.
+    zero and XLA drops it. It is rebuilt from the recorded inputs and output gradients.
     """
 
     def loss_with_probes(params, probes, example, key):
+        leaf_index = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(params))}
         calls = iter(layers)
         inputs = []
         # The replacement applies a clone of the module, which must not be intercepted again.
@@ -498,10 +504,17 @@ def _probed_loss(per_example_loss, layers):
         def interceptor(next_fun, args, kwargs, context):
             if replacing[0] or not _is_linear_layer_call(context, args, kwargs):
                 return next_fun(*args, **kwargs)
-            layer = next(calls)
+            layer = next(calls, None)
             if layer is None:
                 return next_fun(*args, **kwargs)
             variables = context.module.variables["params"]
+            indices = {name: leaf_index.get(id(value)) for name, value in variables.items()}
+            if indices != layer.leaf_indices:
+                raise ValueError(
+                    f"ghost clipping found the layer calls of the loss in a different order "
+                    f"when tracing it again ({type(context.module).__name__} "
+                    f"{context.module.name!r}); use clipping_method='vmap'"
+                )
             layer_params = {name: jax.lax.stop_gradient(variables[name]) for name in variables}
             probe = probes[len(inputs)]
             inputs.append(args[0])
@@ -514,13 +527,18 @@ def _probed_loss(per_example_loss, layers):
 
         with nn.intercept_methods(interceptor):
             loss = per_example_loss(params, example, key)
+        if len(inputs) != len(probes):
+            raise ValueError(
+                f"ghost clipping intercepted {len(inputs)} layer calls but expected "
+                f"{len(probes)} from the first trace of the loss; use clipping_method='vmap'"
+            )
         return loss, inputs
 
     return loss_with_probes
 
 
 def _is_zeros(var, producers) -> bool:
-    """Whether a jaxpr output is a literal zero or a broadcast of one."""
+    """Return whether a jaxpr output is a literal zero or a broadcast of one."""
     if isinstance(var, jax.extend.core.Literal):
         return not np.any(var.val)
     eqn = producers.get(var)
@@ -537,8 +555,8 @@ def _drop_layers_used_elsewhere(per_example_loss, layers, params, example, key):
 
     With the layers intercepted, the loss's gradient with respect to an intercepted leaf is
     a traced constant zero unless something else reads that leaf (weight decay inside the
-    loss, tied weights). Such layers go back to vmap, which sees every use. If a JAX version
-    writes zeros differently, every layer goes back to vmap: slower, never wrong.
+    loss, tied weights). Such layers go back to vmap, which differentiates every use. If a JAX
+    version writes zeros differently, every layer goes back to vmap, which is slower but exact.
     """
     covered = [layer for layer in layers if layer is not None]
     if not covered:
@@ -577,7 +595,7 @@ def _record_pass(per_example_loss, layers, params, batch, keys):
 
 
 def _weighted_layer_grad(layer: _Layer, leaves, valid, factor, inputs, output_grads):
-    """sum_i factor[i] * (gradient of example i) for one layer, as one batched weight gradient."""
+    """Return sum_i factor[i] * (gradient of example i) of one layer by one weight gradient."""
 
     def zero_invalid(array, scale=None):
         shaped_valid = jnp.reshape(valid, (-1,) + (1,) * (array.ndim - 1))

@@ -23,8 +23,8 @@ def _independent_rdp_epsilon(q, sigma, steps, delta):
     For integer alpha >= 2 the RDP of one step is log(A_alpha) / (alpha - 1), with
     A_alpha = sum_k C(alpha, k) (1 - q)^(alpha - k) q^k exp((k^2 - k) / (2 sigma^2))
     (Mironov, Talwar and Zhang 2019, "Renyi Differential Privacy of the Sampled Gaussian
-    Mechanism"). RDP adds up over steps. The conversion to (epsilon, delta) is the one in
-    dp-accounting 0.6's `rdp_privacy_accountant.compute_epsilon`:
+    Mechanism", arXiv:1908.10530). RDP adds up over steps. The conversion to (epsilon, delta)
+    is the one in dp-accounting 0.6's `rdp_privacy_accountant.compute_epsilon`:
     epsilon = rdp + log(1 - 1 / alpha) - log(delta * alpha) / (alpha - 1), minimised over alpha.
     """
     best = math.inf

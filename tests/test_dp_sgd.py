@@ -172,3 +172,14 @@ def test_noisy_gradient_divides_by_expected_not_realised_size():
     clipped_sum = {"w": jnp.full((3,), 2.0)}
     gradient = dp_sgd.noisy_gradient(jax.random.key(0), clipped_sum, config)
     np.testing.assert_allclose(np.asarray(gradient["w"]), 2.0 / 10.0, rtol=1e-6)
+
+
+def test_clip_fn_rejects_unsupported_options():
+    with pytest.raises(ValueError, match="'exact' is unknown"):
+        dp_sgd.make_clip_fn(_linear_loss, l2_norm_clip=1.0, clipping_method="exact")
+    with pytest.raises(ValueError, match="neither per_layer nor microbatch_size"):
+        dp_sgd.make_clip_fn(_linear_loss, l2_norm_clip=1.0, clipping_method="ghost", per_layer=True)
+    with pytest.raises(ValueError, match="neither per_layer nor microbatch_size"):
+        dp_sgd.make_clip_fn(
+            _linear_loss, l2_norm_clip=1.0, clipping_method="ghost", microbatch_size=2
+        )

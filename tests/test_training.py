@@ -3,6 +3,7 @@
 import logging
 import math
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import optax
 import pytest
 
 from ppds_jax import dp_sgd, training
+from ppds_jax.networks import CNN
 
 NUM_ROWS = 12
 LEARNING_RATE = 0.1
@@ -182,3 +184,44 @@ def test_invalid_arguments_raise():
         _fit((x, y), num_steps=0)
     with pytest.raises(ValueError, match="share a leading axis"):
         _fit((x, y[:5]))
+    with pytest.raises(ValueError, match="clipping_method='exact' is unknown"):
+        training.fit(
+            jax.random.key(0),
+            _initial_params(),
+            per_example_loss=_squared_error,
+            data=(x, y),
+            optimizer=optax.sgd(LEARNING_RATE),
+            num_steps=1,
+            batch_size=4,
+            clipping_method="exact",
+        )
+
+
+def test_ghost_and_vmap_fits_agree():
+    model = CNN(num_classes=3, features=(4,), hidden=8)
+    rng = np.random.default_rng(3)
+    images = rng.uniform(-1, 1, (NUM_ROWS, 8, 8, 1)).astype(np.float32)
+    labels = rng.integers(0, 3, NUM_ROWS).astype(np.int32)
+    params = model.init(jax.random.key(0), images[:1])["params"]
+
+    def loss(params, example, key):
+        del key
+        image, label = example
+        logits = model.apply({"params": params}, image[None])[0]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, label)
+
+    config = _dp_config(l2_norm_clip=0.1, noise_multiplier=1.0, sampling_prob=0.5, num_steps=2)
+    fitted = {}
+    for method in ("ghost", "vmap"):
+        fitted[method], _ = training.fit(
+            jax.random.key(5),
+            params,
+            per_example_loss=loss,
+            data=(images, labels),
+            optimizer=optax.sgd(LEARNING_RATE),
+            num_steps=2,
+            batch_size=NUM_ROWS,
+            dp=config,
+            clipping_method=method,
+        )
+    chex.assert_trees_all_close(fitted["ghost"], fitted["vmap"], rtol=1e-4, atol=1e-6)
