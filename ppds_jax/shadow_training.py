@@ -15,9 +15,10 @@ Two strategies run the same per-model computation:
   for groups of `models_per_program`), spread over the devices of a `mesh` when one is given.
   Usually fastest on GPUs.
 
-Both compile each step function once per call, where K calls of `training.fit` compile K times;
-on a CPU that compilation is a large share of a small model's training time. "auto" picks by
-backend (`choose_strategy`). `benchmarks/shadow_throughput.py` measures both side by side.
+Both compile each step function once per call, while K calls of `training.fit` compile K times.
+On a CPU that compilation is a large share of a small model's training time. "auto" picks by
+backend (`choose_strategy`), and `benchmarks/shadow_throughput.py` measures the strategies side
+by side.
 
 Under DP-SGD each model runs `training.fit`'s mechanism unchanged: its own Poisson batches over
 its own member rows, clipped per-example gradients, Gaussian noise added once per step from that
@@ -110,7 +111,7 @@ def train_many(
       params_init_fn: `init(key) -> params`, the initial parameter pytree of one model.
       per_example_loss: `loss(params, example, key) -> scalar`, as in `training.fit`.
       data: tuple of arrays with a shared leading axis N, for example
-        (images (N, 28, 28, 1) float32, labels (N,) int32); every model reads its rows from it.
+        (images (N, 28, 28, 1) float32, labels (N,) int32). Every model reads its rows from it.
       masks: (K, N) bool; model k trains on the rows where `masks[k]` is True.
       optimizer: an optax transformation.
       num_steps: optimizer steps, one int for every model or K ints; must equal `dp.num_steps`
@@ -157,7 +158,7 @@ def train_many(
     training._check_no_batch_norm_params(jax.eval_shape(params_init_fn, init_keys[0]))
 
     batched = strategy == "vmap"
-    functions = _jitted_functions(
+    functions = _step_functions(
         params_init_fn, per_example_loss, optimizer, batch_size, dp, mesh, batched
     )
     runner = _Runner(
@@ -217,7 +218,7 @@ def train_classifiers(
     num_classes=num_classes, config=config, privacy=privacy)`, exactly with "sequential" and
     up to float rounding with "vmap" (see `train_many`). Without DP each model runs
     `num_epochs * max(1, round(n_k / batch_size))` steps for its own member count n_k, as
-    `train_classifier` does; under DP every model runs the steps of the public
+    `train_classifier` does. Under DP every model runs the steps of the public
     `privacy.dataset_size` and gets its own copy of the same ledger.
 
     Args:
@@ -352,9 +353,11 @@ def _member_rows(keys, data, masks) -> list[np.ndarray]:
 
 
 def _steps_per_model(num_steps, num_models: int, dp) -> np.ndarray:
-    steps = np.broadcast_to(np.asarray(num_steps, dtype=np.int64), (num_models,)).copy()
     if np.ndim(num_steps) and np.shape(num_steps) != (num_models,):
-        raise ValueError(f"num_steps has shape {np.shape(num_steps)}; expected ({num_models},)")
+        raise ValueError(
+            f"num_steps has shape {np.shape(num_steps)}; expected one int or ({num_models},)"
+        )
+    steps = np.broadcast_to(np.asarray(num_steps, dtype=np.int64), (num_models,)).copy()
     if steps.min() < 1:
         raise ValueError(f"num_steps={steps.min()} must be >= 1 for every model")
     if dp is not None and np.any(steps != dp.num_steps):
@@ -396,7 +399,7 @@ def _group_size(models_per_program, num_models: int, strategy: str) -> int:
 
 
 def _non_private_step(per_example_loss, optimizer, batch_size):
-    """One model's step, computed as `training.fit` computes it without DP."""
+    """Build one model's non-private step, computed as `training.fit` computes it."""
     batched_loss = jax.vmap(per_example_loss, in_axes=(None, 0, 0))
 
     def mean_loss(params, batch, key):
@@ -414,7 +417,7 @@ def _non_private_step(per_example_loss, optimizer, batch_size):
 
 
 def _private_steps(per_example_loss, optimizer, dp):
-    """One model's DP-SGD chunk accumulation and final step, with `training.fit`'s keys."""
+    """Build one model's DP-SGD chunk accumulation and final step, with `training.fit`'s keys."""
     clip_fn = clipping.clipped_grad_sum(per_example_loss, l2_norm_clip=dp.l2_norm_clip)
 
     def accumulate(params, total, data, indices, mask, loop_key, step_index, chunk_index):
@@ -453,8 +456,8 @@ def _keep_inactive(active, new_tree, old_tree):
     return jax.tree.map(select, new_tree, old_tree)
 
 
-def _jitted_functions(params_init_fn, per_example_loss, optimizer, batch_size, dp, mesh, batched):
-    """Jitted init and step functions, shared by every call with the same objects.
+def _step_functions(params_init_fn, per_example_loss, optimizer, batch_size, dp, mesh, batched):
+    """Return the init and jitted step functions, shared by every call with the same objects.
 
     jax.jit caches compiled programs per function object, so reusing these objects lets a later
     call with the same loss, optimizer and shapes skip compilation. Unhashable arguments get
@@ -462,16 +465,18 @@ def _jitted_functions(params_init_fn, per_example_loss, optimizer, batch_size, d
     """
     arguments = (params_init_fn, per_example_loss, optimizer, batch_size, dp, mesh, batched)
     try:
-        return _cached_jitted_functions(*arguments)
+        return _cached_step_functions(*arguments)
     except TypeError:
-        return _build_jitted_functions(*arguments)
+        return _build_step_functions(*arguments)
 
 
-def _build_jitted_functions(
+def _build_step_functions(
     params_init_fn, per_example_loss, optimizer, batch_size, dp, mesh, batched
 ):
     if not batched:
-        functions = {"init_params": jax.jit(params_init_fn), "init_state": jax.jit(optimizer.init)}
+        # Initialisation runs eagerly, as in `training.fit` and `classifier.train_classifier`:
+        # its primitives compile once per process, where a jitted init compiles once per call.
+        functions = {"init_params": params_init_fn, "init_state": optimizer.init}
         if dp is None:
             step = _non_private_step(per_example_loss, optimizer, batch_size)
             return {**functions, "step": jax.jit(step)}
@@ -507,7 +512,7 @@ def _build_jitted_functions(
     }
 
 
-_cached_jitted_functions = functools.lru_cache(maxsize=16)(_build_jitted_functions)
+_cached_step_functions = functools.lru_cache(maxsize=16)(_build_step_functions)
 
 
 class _MemoryCheckedStep:
@@ -546,7 +551,7 @@ def _check_memory(analysis, limit_bytes: int, num_models: int) -> None:
 
 
 def _device_memory_limit(device_memory_bytes: int | None) -> int | None:
-    """The given limit, else the first device's `bytes_limit`, else None (CPUs report none)."""
+    """Return the given limit, else the first device's `bytes_limit`, else None (as on CPUs)."""
     if device_memory_bytes is not None:
         return int(device_memory_bytes)
     return (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
@@ -618,7 +623,7 @@ class _Runner:
 
 
 class _Placement:
-    """How host arrays reach a step: stacked over models or not, sharded over a mesh or not."""
+    """Placement of a step's host inputs: stacked over models or not, on a mesh or not."""
 
     def __init__(self, mesh, batched):
         self.mesh = mesh

@@ -318,3 +318,10 @@ def test_early_stopping_is_rejected_by_train_classifiers():
             num_classes=2,
             config={"early_stopping_patience": 2},
         )
+
+
+def test_step_counts_need_one_per_model():
+    with pytest.raises(ValueError, match=r"num_steps has shape \(2,\); expected one int or \(3,\)"):
+        _train(num_steps=[2, 2])
+    with pytest.raises(ValueError, match="num_steps=0 must be >= 1 for every model"):
+        _train(num_steps=[2, 0, 2])
