@@ -29,12 +29,19 @@ def strongest_attack(record: Mapping) -> str | None:
     return max(attacks, key=lambda name: (attacks[name]["tpr_at_fpr_0.001"], attacks[name]["auc"]))
 
 
+def _epsilon_cell(record: Mapping) -> str:
+    """Accounted epsilon, or the reason a release has none although its generator was private."""
+    if record.get("dp_guarantee_void_by"):
+        return f"void ({record['dp_guarantee_void_by']})"
+    return _format(record["epsilon"], 2)
+
+
 def results_table(records: Sequence[Mapping]) -> str:
     """Markdown table with one row per released artefact and its strongest attack."""
     lines = [
         "| pipeline | release | generator | epsilon | delta | test accuracy | strongest attack "
-        "| AUC | TPR@0.1%FPR | TPR@1%FPR |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| AUC | TPR@0.1%FPR | TPR@1%FPR | empirical epsilon lower bound |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for record in records:
         name = strongest_attack(record)
@@ -46,13 +53,14 @@ def results_table(records: Sequence[Mapping]) -> str:
                     record["pipeline"],
                     record["release"],
                     record["generator"] or "-",
-                    _format(record["epsilon"], 2),
+                    _epsilon_cell(record),
                     _format(record["delta"], 8) if record["delta"] else "-",
                     _format(record["test_accuracy"]),
                     name or "-",
                     _format(attack.get("auc")),
                     _format(attack.get("tpr_at_fpr_0.001"), 4),
                     _format(attack.get("tpr_at_fpr_0.01"), 4),
+                    _format(record.get("epsilon_lower_bound")),
                 ]
             )
             + " |"
@@ -114,6 +122,11 @@ def write_report(
         "TPR of the last ROC point whose FPR does not exceed the target.",
         "",
         results_table(records),
+        "",
+        "The empirical epsilon lower bound is the largest bound over attacks and thresholds "
+        "from Clopper-Pearson intervals on TPR and FPR; it is an estimate, because examples of "
+        "one model are not independent trials. A release marked void passed through a filter "
+        "that read private data, so no DP guarantee holds for it.",
         "",
         "## Every attack",
         "",
