@@ -14,7 +14,7 @@ Output folder:
                                the target, the synthetic set
   cells/NAME/metrics/          checkpoint of the cell's evaluation: metrics.json, ROC curves,
                                sample grid
-  report.md, report.html       the answers, with figures/*.png
+  report.md, report.html       the report on the four questions, with figures/*.png
 
 Every checkpoint is written under a temporary name and renamed into place when complete, and
 records the fingerprint of the configuration it was computed for. A rerun skips what is done,
@@ -39,12 +39,22 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 from experiments import grid as grid_module
 from experiments.experiment import split_pool
-from ppds_jax import answers, checkpoint, classifier, datasets, evaluation, membership, plots
+from ppds_jax import (
+    answers,
+    checkpoint,
+    classifier,
+    datasets,
+    evaluation,
+    membership,
+    plots,
+    report,
+)
 from ppds_jax.pipeline import collect_signals, run_pipeline
 
 log = logging.getLogger("ppds_jax.benchmark")
@@ -52,7 +62,7 @@ log = logging.getLogger("ppds_jax.benchmark")
 BENCHMARK_FILE = "benchmark.json"
 LOCK_FILE = ".lock"
 CELLS_FOLDER = "cells"
-# What `--start-over` deletes: everything this module writes into the output folder.
+# Entries that `--start-over` deletes: everything this module writes into the output folder.
 _OWNED_ENTRIES = (BENCHMARK_FILE, CELLS_FOLDER, answers.FIGURES_FOLDER, "report.md", "report.html")
 
 
@@ -62,7 +72,7 @@ class BenchmarkFolderError(ValueError):
 
 @dataclasses.dataclass
 class RunSummary:
-    """What one call of `run` did.
+    """Record of the work one call of `run` did.
 
     Attributes:
       computed_runs: (cell name, mask index) of every pipeline run computed.
@@ -112,9 +122,9 @@ def run(
       RunSummary.
 
     Raises:
-      BenchmarkFolderError: `out` is in use by another process, holds a benchmark of another
-        configuration (without `update` or `start_over`), or holds files that are not a
-        benchmark's.
+      BenchmarkFolderError: `out` is in use by another process, contains a benchmark of
+        another configuration (without `update` or `start_over`), or contains files that are
+        not a benchmark's.
       ValueError: an unknown cell name.
     """
     started = time.perf_counter()
@@ -149,35 +159,42 @@ def _locked(out: Path):
 
 def _prepare_folder(grid: grid_module.Grid, out: Path, *, update: bool, start_over: bool):
     path = out / BENCHMARK_FILE
-    if start_over:
+    fingerprint = grid.fingerprint()
+    if not path.exists():
+        foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+        if foreign:
+            raise BenchmarkFolderError(
+                f"{out} is not empty and contains no benchmark ({', '.join(foreign[:5])});"
+                " choose another --out"
+            )
+    elif start_over:
         for name in _OWNED_ENTRIES:
             target = out / name
             if target.is_dir():
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved.get("fingerprint") != grid.fingerprint() and not update:
+    else:
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
             raise BenchmarkFolderError(
-                f"{out} holds a benchmark of another configuration (grid"
+                f"{path} is not valid JSON ({error}); pass --start-over to delete the"
+                " folder's results, or choose another --out"
+            ) from None
+        if saved.get("fingerprint") != fingerprint and not update:
+            raise BenchmarkFolderError(
+                f"{out} contains a benchmark of another configuration (grid"
                 f" {saved.get('grid', {}).get('name')!r}, fingerprint"
                 f" {str(saved.get('fingerprint'))[:12]}; this grid {grid.name!r} has"
-                f" {grid.fingerprint()[:12]}). Pass --update to keep its unchanged cells and"
+                f" {fingerprint[:12]}). Pass --update to keep its unchanged cells and"
                 " recompute the changed ones, --start-over to delete its results, or choose"
-                " another --out"
-            )
-    else:
-        foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
-        if foreign:
-            raise BenchmarkFolderError(
-                f"{out} is not empty and holds no benchmark ({', '.join(foreign[:5])}); choose"
                 " another --out"
             )
     checkpoint.write_json_atomically(
         path,
         {
-            "fingerprint": grid.fingerprint(),
+            "fingerprint": fingerprint,
             "grid": grid.to_dict(),
             "cells": [cell.name for cell in grid.cells()],
         },
@@ -211,7 +228,7 @@ def _usable_run(cell, out: Path, mask_index: int, summary: RunSummary) -> bool:
 
 
 def _usable(path: Path, fingerprint: str, summary: RunSummary) -> bool:
-    """True if the checkpoint at `path` is whole and current; deletes it when it is not."""
+    """Return True if the checkpoint at `path` is whole and current, else delete it."""
     try:
         checkpoint.verify_checkpoint(path, fingerprint=fingerprint)
         return True
@@ -279,7 +296,11 @@ def _run_pending(out: Path, cells, pending, summary: RunSummary, *, progress: bo
             started = time.perf_counter()
             for mask_index in pending[cell.name]:
                 bar.set_postfix_str(f"{cell.name} mask {mask_index}")
-                _compute_run(out, cell, mask_index, group, progress=progress)
+                try:
+                    _compute_run(out, cell, mask_index, group, progress=progress)
+                except Exception:
+                    log.error("run of cell %s on mask %d failed", cell.name, mask_index)
+                    raise
                 summary.computed_runs.append((cell.name, mask_index))
                 bar.update()
             _evaluate_cell(out, cell, group)
@@ -290,9 +311,9 @@ def _run_pending(out: Path, cells, pending, summary: RunSummary, *, progress: bo
 
 def _compute_run(out: Path, cell, mask_index: int, group: _GroupData, *, progress: bool):
     """Run one (cell, mask) pipeline and save it as one checkpoint."""
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     config = cell.experiment
-    pipeline_key, signal_key = _split(cell.run_key(mask_index))
+    pipeline_key, signal_key = jax.random.split(cell.run_key(mask_index))
     mask = group.masks[mask_index]
     pool_images, pool_labels = group.pool
     output = run_pipeline(
@@ -306,6 +327,7 @@ def _compute_run(out: Path, cell, mask_index: int, group: _GroupData, *, progres
         l2_norm_clip=config.l2_norm_clip,
         progress=progress,
     )
+
     signals = collect_signals(signal_key, output, pool_images, pool_labels, group.population[0])
     result = output.classifier
     accuracy = classifier.accuracy_of(
@@ -315,6 +337,7 @@ def _compute_run(out: Path, cell, mask_index: int, group: _GroupData, *, progres
         group.data.test_images,
         group.data.test_labels,
     )
+
     arrays = {"signals": {**signals, "test_accuracy": np.float32(accuracy)}}
     if mask_index == 0 and output.synthetic_images is not None:
         arrays["synthetic"] = {
@@ -338,15 +361,9 @@ def _compute_run(out: Path, cell, mask_index: int, group: _GroupData, *, progres
             "mask_index": mask_index,
             "test_accuracy": accuracy,
             "seconds": time.perf_counter() - started,
+            "cpu_seconds": time.process_time() - cpu_started,
         },
     )
-
-
-def _split(key):
-    import jax
-
-    pipeline_key, signal_key = jax.random.split(key)
-    return pipeline_key, signal_key
 
 
 def _evaluate_cell(out: Path, cell, group: _GroupData) -> None:
@@ -357,6 +374,7 @@ def _evaluate_cell(out: Path, cell, group: _GroupData) -> None:
     ledger = None
     if (runs[0] / "ledger.json").exists():
         ledger = checkpoint.load_document(runs[0], "ledger")
+
     records, curves = [], {}
     for release in cell.releases:
         record, release_curves = evaluation.release_record(
@@ -371,16 +389,18 @@ def _evaluate_cell(out: Path, cell, group: _GroupData) -> None:
         )
         records.append(record)
         curves[release] = release_curves
-    seconds = [checkpoint.read_manifest(path)["metadata"]["seconds"] for path in runs]
+
+    manifests = [checkpoint.read_manifest(path)["metadata"] for path in runs]
     result = {
         **cell.to_dict(),
         "records": records,
-        "run_seconds": seconds,
-        "num_members": int(group.masks[0].sum()),
+        "run_seconds": [m["seconds"] for m in manifests],
+        "run_cpu_seconds": [m["cpu_seconds"] for m in manifests],
         "pool_size": len(group.pool[1]),
         "public_dataset_size": group.public_size,
         "test_size": len(group.data.test_labels),
     }
+
     files = {}
     for release, release_curves in curves.items():
         files[f"roc_{release}.png"] = _roc_writer(release_curves, f"{cell.name}: {release}")
@@ -401,7 +421,7 @@ def _evaluate_cell(out: Path, cell, group: _GroupData) -> None:
 def _strongest_curves(records, curves) -> dict[str, np.ndarray]:
     arrays = {}
     for record in records:
-        name = answers.strongest_attack(record)
+        name = report.strongest_attack(record)
         if name is None:
             continue
         fpr, tpr = curves[record["release"]][name]
@@ -451,18 +471,22 @@ def _finished_cell_results(out: Path, cells) -> dict[str, answers.CellResult]:
 
 def _write_report(grid: grid_module.Grid, out: Path, finished) -> Path:
     cells = grid.cells()
-    missing = [cell.name for cell in cells if cell.name not in finished]
+    full = grid.full_grid().cells()
     description = {
         "name": grid.name,
         "description": grid.description,
-        "axes": _axes_for_report(grid),
+        "axes": {
+            axis: ["inf" if value == math.inf else value for value in values]
+            for axis, values in grid.axes().items()
+        },
         "blocks": [
-            {**grid_module._block_dict(block), "num_cells": _block_cell_count(block, cells)}
-            for block in grid.blocks
+            {**block.to_dict(), "num_cells": len(grid.block_cells(block))} for block in grid.blocks
         ],
         "settings": grid.to_dict()["settings"],
         "num_cells": len(cells),
-        "full_product": _full_product(grid),
+        "num_evaluations": sum(len(cell.releases) for cell in cells),
+        "full_num_cells": len(full),
+        "full_num_evaluations": sum(len(cell.releases) for cell in full),
         "samplings": {k: v.description for k, v in grid_module.SAMPLINGS.items()},
         "mitigations": {k: v.description for k, v in grid_module.MITIGATIONS.items()},
     }
@@ -470,34 +494,8 @@ def _write_report(grid: grid_module.Grid, out: Path, finished) -> Path:
         out,
         grid=description,
         cells=[finished[c.name] for c in cells if c.name in finished],
-        missing=missing,
+        missing=[c.name for c in cells if c.name not in finished],
     )
-
-
-def _axes_for_report(grid):
-    axes = grid.axes()
-    axes["epsilons"] = ["inf" if math.isinf(e) else e for e in axes["epsilons"]]
-    return axes
-
-
-def _block_cell_count(block, cells) -> int:
-    return sum(
-        1
-        for cell in cells
-        if cell.dataset in block.datasets
-        and cell.seed in block.seeds
-        and cell.epsilon in block.epsilons
-        and cell.mitigation in block.mitigations
-        and (
-            cell.generator is None
-            or (cell.generator in block.generators and cell.sampling in block.samplings)
-        )
-    )
-
-
-def _full_product(grid) -> int:
-    axes = grid.axes()
-    return math.prod(len(values) or 1 for values in axes.values())
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -528,7 +526,7 @@ def load_config_file(path) -> grid_module.Grid:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser; every option is described in --help."""
+    """Build the command-line parser, whose --help describes every option."""
     parser = argparse.ArgumentParser(
         prog="python -m experiments.benchmark",
         description=__doc__,
@@ -549,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Python file defining get_grid() -> experiments.grid.Grid, used instead of a preset",
     )
     parser.add_argument(
-        "--out", help="output folder: created if missing, resumed if it holds this grid"
+        "--out", help="output folder: created if missing, resumed if it contains this grid"
     )
     parser.add_argument(
         "--cell",
@@ -565,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--update",
         action="store_true",
-        help="accept an --out folder that holds another configuration of the grid: keep the"
+        help="accept an --out folder that contains another configuration of the grid: keep the"
         " cells whose configuration is unchanged and recompute the others",
     )
     parser.add_argument(
@@ -614,9 +612,14 @@ def _cell_status(cell: grid_module.Cell, out: Path) -> str:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
+    """Run the command line and return the exit status."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # force: absl, imported by the dependencies, has already given the root logger a handler.
+    # Only this project's loggers report at INFO; orbax logs every file it writes at INFO.
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", force=True
+    )
+    logging.getLogger("ppds_jax").setLevel(logging.INFO)
     try:
         if args.config:
             grid = load_config_file(args.config)

@@ -99,8 +99,8 @@ DEFAULT_SAMPLING = "balanced"
 MITIGATIONS: dict[str, Strategy] = {
     "none": Strategy("no mitigation"),
     "weight_decay": Strategy(
-        "decoupled weight decay 5e-4 in the classifier's AdamW",
-        classifier_overrides={"weight_decay": 5e-4},
+        "decoupled weight decay 0.1 in the classifier's AdamW",
+        classifier_overrides={"weight_decay": 0.1},
         releases=CLASSIFIER_RELEASES,
     ),
     "label_smoothing": Strategy(
@@ -224,20 +224,11 @@ class Block:
                 " the block names none"
             )
 
-    def num_combinations(self) -> int:
-        """Size of the block's product, before dropping combinations that have no release."""
-        return math.prod(
-            len(axis)
-            for axis in (
-                self.datasets,
-                self.generators or (None,),
-                self.epsilons,
-                self.samplings,
-                self.releases,
-                self.mitigations,
-                self.seeds,
-            )
-        )
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form; the non-private epsilon is written as None."""
+        values = dataclasses.asdict(self)
+        values["epsilons"] = [None if math.isinf(e) else e for e in self.epsilons]
+        return values
 
 
 def _check_names(kind: str, names, known, *, allow_empty: bool = False) -> None:
@@ -375,7 +366,7 @@ class Grid:
         self.cells()  # Builds every PipelineSpec, so invalid options fail here.
 
     def cells(self) -> tuple[Cell, ...]:
-        """Every cell of the grid, each once, grouped by dataset and seed."""
+        """Return every cell of the grid once, grouped by dataset and seed."""
         merged: dict[str, Cell] = {}
         for block in self.blocks:
             for cell in _block_cells(block, self.settings):
@@ -389,7 +380,7 @@ class Grid:
         return tuple(sorted(merged.values(), key=lambda c: (c.dataset, c.seed, _order(c))))
 
     def cell(self, name: str) -> Cell:
-        """The cell called `name`.
+        """Look up the cell called `name`.
 
         Raises:
           ValueError: no such cell; the message lists a few names.
@@ -402,6 +393,21 @@ class Grid:
                 f" example {examples}; list them with --list"
             )
         return cells[name]
+
+    def block_cells(self, block: Block) -> tuple[Cell, ...]:
+        """Return the cells that `block` contributes, before merging with other blocks."""
+        return tuple(_block_cells(block, self.settings))
+
+    def full_grid(self) -> Grid:
+        """Build the grid of one block that crosses every value of every axis used here.
+
+        A preset's blocks cover a subset of it; the report states both sizes.
+        """
+        axes = self.axes()
+        block = Block(
+            question="the full product of the axes", **{k: tuple(v) for k, v in axes.items()}
+        )
+        return dataclasses.replace(self, name=f"{self.name} (full)", blocks=(block,))
 
     def axes(self) -> dict[str, list]:
         """Values each axis takes anywhere in the grid, in first-seen order."""
@@ -427,7 +433,7 @@ class Grid:
             "name": self.name,
             "description": self.description,
             "settings": {name: dataclasses.asdict(s) for name, s in self.settings.items()},
-            "blocks": [_block_dict(block) for block in self.blocks],
+            "blocks": [block.to_dict() for block in self.blocks],
         }
 
     def fingerprint(self) -> str:
@@ -435,12 +441,6 @@ class Grid:
         return content_fingerprint(
             {"grid": self.to_dict(), "cells": [cell.fingerprint() for cell in self.cells()]}
         )
-
-
-def _block_dict(block: Block) -> dict[str, Any]:
-    values = dataclasses.asdict(block)
-    values["epsilons"] = [None if math.isinf(e) else e for e in block.epsilons]
-    return values
 
 
 def _order(cell: Cell) -> tuple:
@@ -486,11 +486,13 @@ def _make_cell(dataset, seed, generator, epsilon, sampling, mitigation, releases
     strategies = [mitigation_strategy]
     if sampling is not None:
         strategies.insert(0, SAMPLINGS[sampling])
+
     for strategy in strategies:
         spec_fields.update(strategy.spec_overrides)
         classifier_config.update(strategy.classifier_overrides)
     if "privacy_filter_threshold" in spec_fields:
         spec_fields["privacy_filter_threshold"] = dataset_settings.privacy_filter_threshold
+
     private = not math.isinf(epsilon)
     spec = PipelineSpec(
         name=f"{generator or 'real'}-eps{epsilon:g}",
@@ -525,3 +527,195 @@ def _make_cell(dataset, seed, generator, epsilon, sampling, mitigation, releases
         releases=releases,
         experiment=experiment,
     )
+
+
+# --- presets ----------------------------------------------------------------------------------
+
+_QUESTION_REPLACE = "1 and 4: synthetic against real classifiers, generators per epsilon"
+_QUESTION_MITIGATE = "3: mitigations against no mitigation"
+_QUESTION_SAMPLE = "3: sampling strategies against class-balanced sampling"
+
+
+def smoke() -> Grid:
+    """Smoke preset: digits, a few small cells, every stage of the benchmark.
+
+    Command: `python -m experiments.benchmark --preset smoke --out runs/smoke`
+    Runtime: about 5 minutes on an otherwise idle 2-core CPU (12 cells, 60 pipeline runs);
+    the report's runtime table gives the measured time per run.
+    Expected result: every section of the report filled in. Non-private classifiers are well
+    above the 10% chance accuracy and private ones are near it on a pool this small. Attack
+    TPRs at 0.1% FPR are a few percent at most.
+    """
+    digits = Settings(
+        pool_size=600,
+        num_shadows=4,
+        target_delta=1e-5,
+        population_size=300,
+        classifier_config={"num_epochs": 6, "batch_size": 64, "features": (8, 16), "hidden": 32},
+        generator_configs={
+            "vae": {"num_epochs": 20, "batch_size": 64, "hidden": 128},
+            "dp_merf": {"num_epochs": 20},
+        },
+        # NOTE: a guess at the distance of near-copies, not calibrated on digits.
+        privacy_filter_threshold=2.0,
+    )
+    return Grid(
+        name="smoke",
+        description=(
+            "Smoke preset on digits (a pool of 600 images, 4 shadow masks, two seeds): real"
+            " data against the VAE at epsilon 10 and inf and DP-MERF at epsilon 10, every"
+            " release strategy, and weight decay on the real-data classifier as the one"
+            " mitigation. Command: python -m experiments.benchmark --preset smoke --out"
+            " runs/smoke."
+        ),
+        settings={"digits": digits},
+        blocks=(
+            Block(
+                question=_QUESTION_REPLACE + ", release strategies",
+                datasets=("digits",),
+                generators=("vae",),
+                epsilons=(10.0, math.inf),
+            ),
+            Block(
+                question=_QUESTION_REPLACE,
+                datasets=("digits",),
+                generators=("dp_merf",),
+                epsilons=(10.0,),
+                releases=GENERATOR_RELEASES,
+            ),
+            Block(
+                question=_QUESTION_MITIGATE,
+                datasets=("digits",),
+                generators=(),
+                epsilons=(math.inf,),
+                releases=("real_classifier",),
+                mitigations=("weight_decay",),
+            ),
+        ),
+    )
+
+
+def cpu() -> Grid:
+    """CPU preset, the default: Fashion-MNIST on a subset of the grid.
+
+    Command: `python -m experiments.benchmark --out runs/cpu`
+    Runtime: an estimate of 45 to 60 minutes on an otherwise idle 2-core CPU, for 32 cells and
+    160 pipeline runs. It comes from per-run CPU times measured on Fashion-MNIST with 2,000
+    members (real classifier 7 s, DP-SGD classifier 25 s, VAE 27 s and 40 s with DP-SGD,
+    DP-MERF 25 s), scaled to this preset's 1,500 members. The report's runtime table gives
+    the measured time per run.
+    Expected result: the real-data classifier near 80% accuracy, synthetic ones lower, and
+    private ones lower still at epsilon 1. Attack TPRs at 0.1% FPR are a few percent at most.
+    """
+    classifier_config = {"num_epochs": 5, "batch_size": 128, "features": (16, 32), "hidden": 64}
+    fashion_mnist = Settings(
+        pool_size=3000,
+        num_shadows=4,
+        target_delta=1e-5,
+        test_size=2000,
+        population_size=1000,
+        classifier_config=classifier_config,
+        generator_configs={
+            "vae": {"num_epochs": 20},
+            "dp_merf": {"num_epochs": 10},
+            "gan": {"num_epochs": 10},
+        },
+        # NOTE: a guess at the distance of near-copies, not calibrated on Fashion-MNIST.
+        privacy_filter_threshold=6.0,
+    )
+    return Grid(
+        name="cpu",
+        description=(
+            "CPU preset on Fashion-MNIST (a pool of 3,000 training images, 4 shadow masks, two"
+            " seeds): real data against VAE, DP-MERF and GAN at epsilon 1, 10 and inf with"
+            " every release strategy. Weight decay and the privacy filter as mitigations and"
+            " 4x sampling are run on the VAE and the real-data classifier at epsilon inf only."
+            " The diffusion model, the other mitigations and sampling strategies, and the"
+            " mitigations under DP are left to the paper preset. Command: python -m"
+            " experiments.benchmark --out runs/cpu."
+        ),
+        settings={"fashion_mnist": fashion_mnist},
+        blocks=(
+            Block(
+                question=_QUESTION_REPLACE + ", release strategies",
+                datasets=("fashion_mnist",),
+                generators=("vae", "dp_merf", "gan"),
+                epsilons=(1.0, 10.0, math.inf),
+            ),
+            Block(
+                question=_QUESTION_MITIGATE,
+                datasets=("fashion_mnist",),
+                generators=("vae",),
+                epsilons=(math.inf,),
+                mitigations=("weight_decay", "privacy_filter"),
+            ),
+            Block(
+                question=_QUESTION_SAMPLE,
+                datasets=("fashion_mnist",),
+                generators=("vae",),
+                epsilons=(math.inf,),
+                samplings=("balanced_4x",),
+            ),
+        ),
+    )
+
+
+def paper() -> Grid:
+    """Paper preset: the full grid at full scale, for GPUs.
+
+    Command: `python -m experiments.benchmark --preset paper --out runs/paper`
+    Runtime: an estimate of several hundred GPU-hours (3 datasets, 4 generators, 3 privacy
+    levels, 3 sampling strategies, 5 mitigations, 3 seeds, 16 shadow masks each); not measured.
+    Expected result: the synthetic-data accuracies of DPImageBench's small synthesizers as a
+    reference (Fashion-MNIST at epsilon 10: DP-MERF near 62%, DP-GAN near 70%, DPDM near 86%),
+    and sharper low-FPR attack figures than the CPU preset.
+    """
+    classifier_config = {"num_epochs": 20, "batch_size": 256, "features": (32, 64), "hidden": 128}
+    generator_configs = {
+        "vae": {"num_epochs": 100, "batch_size": 256},
+        "gan": {"num_epochs": 100, "batch_size": 256},
+        "dp_merf": {"num_epochs": 50},
+        "diffusion": {"num_epochs": 100, "channels": 64, "channel_mults": (1, 2, 2)},
+    }
+
+    def full(threshold: float) -> Settings:
+        # The whole training split is the pool: 30,000 expected members for the 60,000
+        # images of Fashion-MNIST and MNIST, and delta must be at most 0.1 / 30,000.
+        return Settings(
+            pool_size=None,
+            num_shadows=16,
+            target_delta=3e-6,
+            population_size=5000,
+            classifier_config=classifier_config,
+            generator_configs=generator_configs,
+            privacy_filter_threshold=threshold,
+        )
+
+    datasets_names = ("fashion_mnist", "mnist", "cifar10")
+    return Grid(
+        name="paper",
+        description=(
+            "Paper preset: the full grid on Fashion-MNIST, MNIST and CIFAR-10 with the whole"
+            " training split as the pool, 16 shadow masks and three seeds. Command: python -m"
+            " experiments.benchmark --preset paper --out runs/paper."
+        ),
+        settings={
+            "fashion_mnist": full(6.0),
+            "mnist": full(6.0),
+            "cifar10": full(12.0),
+        },
+        blocks=(
+            Block(
+                question="all four: the full product of the axes",
+                datasets=datasets_names,
+                generators=generators.GENERATORS,
+                epsilons=(1.0, 10.0, math.inf),
+                samplings=tuple(SAMPLINGS),
+                mitigations=tuple(MITIGATIONS),
+                seeds=(0, 1, 2),
+            ),
+        ),
+    )
+
+
+PRESETS = {"smoke": smoke, "cpu": cpu, "paper": paper}
