@@ -37,7 +37,7 @@ def prepare_workdir(config: ExperimentConfig, workdir: Path, *, resume: bool) ->
     """Create the run folder, or check that an existing one may be reused.
 
     Raises:
-      RunFolderError: the folder holds a run with another config, or a finished run and
+      RunFolderError: the folder contains a run with another config, or a finished run and
         `resume` is False. Nothing in the folder is changed in either case.
     """
     config_path = workdir / "config.json"
@@ -45,17 +45,17 @@ def prepare_workdir(config: ExperimentConfig, workdir: Path, *, resume: bool) ->
         saved = json.loads(config_path.read_text())
         if saved.get("fingerprint") != config.fingerprint():
             raise RunFolderError(
-                f"{workdir} holds a run with another configuration (fingerprint "
+                f"{workdir} contains a run with another configuration (fingerprint "
                 f"{saved.get('fingerprint')} != {config.fingerprint()}); choose another --out"
             )
         if not resume:
             raise RunFolderError(
-                f"{workdir} already holds a run of this configuration; pass --resume to "
+                f"{workdir} already contains a run of this configuration; pass --resume to "
                 "finish or reuse it, or choose another --out"
             )
     elif workdir.exists() and any(workdir.iterdir()):
         raise RunFolderError(
-            f"{workdir} is not empty and holds no ppds_jax run; choose another --out"
+            f"{workdir} is not empty and contains no ppds_jax run; choose another --out"
         )
     workdir.mkdir(parents=True, exist_ok=True)
     record = {"fingerprint": config.fingerprint(), "config": config.to_dict()}
