@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -43,20 +44,20 @@ LEARNING_RATE = 0.1
 NOISE_MULTIPLIER = 1.0
 L2_NORM_CLIP = 1.0
 
-# Batch sizes per model, and the clipping methods that --quick measures (the vmap step of
-# WRN-16-4 takes about a minute to compile on a 2-core CPU).
+BOTH = ("ghost", "vmap")
+# (batch size, JAX clipping methods) per model. vmap clipping forms every per-example gradient
+# at once, so it is left out where that takes gigabytes (the CNN's dense layer has 401k
+# weights) or a minute of compilation (WRN-16-4 on a 2-core CPU).
 MODELS = {
     "cnn": {
         "image_shape": (28, 28, 1),
-        "full": (64, 256, 1024),
-        "quick": (256,),
-        "quick_methods": ("ghost", "vmap"),
+        "full": ((64, BOTH), (256, BOTH), (1024, ("ghost",))),
+        "quick": ((256, BOTH),),
     },
     "wrn16_4": {
         "image_shape": (32, 32, 3),
-        "full": (16, 64),
-        "quick": (8,),
-        "quick_methods": ("ghost",),
+        "full": ((16, BOTH), (64, ("ghost",))),
+        "quick": ((8, ("ghost",)),),
     },
 }
 
@@ -286,11 +287,11 @@ def run(*, quick: bool, repeats: int) -> dict:
         torch_threads = torch.get_num_threads()
     rows = []
     for name, spec in MODELS.items():
-        for batch_size in spec["quick" if quick else "full"]:
+        for batch_size, methods in spec["quick" if quick else "full"]:
+            print(f"measuring {name} at batch {batch_size}", file=sys.stderr, flush=True)
             rng = np.random.default_rng(0)
             images = rng.uniform(-1, 1, (batch_size, *spec["image_shape"])).astype(np.float32)
             labels = rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32)
-            methods = spec["quick_methods"] if quick else dp_sgd.CLIPPING_METHODS
             steps = _jax_steps(name, images, labels, methods)
             if torch_missing is None:
                 steps.update(_torch_steps(name, images, labels))
