@@ -20,9 +20,10 @@ On a CPU that compilation is a large share of a small model's training time. "au
 backend (`choose_strategy`), and `benchmarks/shadow_throughput.py` measures the strategies side
 by side.
 
-Under DP-SGD each model runs `training.fit`'s mechanism unchanged: its own Poisson batches over
-its own member rows, clipped per-example gradients, Gaussian noise added once per step from that
-step's noise key, division by the public expected batch size, and exactly `dp.num_steps` steps.
+Under DP-SGD each model runs `training.fit`'s mechanism unchanged. It draws its own Poisson
+batches over its own member rows, clips per-example gradients, adds Gaussian noise once per step
+from that step's noise key, divides by the public expected batch size, and runs exactly
+`dp.num_steps` steps.
 When models of one vmapped step need different numbers of physical chunks, a model's extra
 chunks are fully masked, and masked rows contribute exactly zero (`clipping.clipped_grad_sum`).
 """
@@ -87,6 +88,7 @@ def train_many(
     batch_size: int,
     strategy: str = "auto",
     dp: dp_sgd.DpSgdConfig | None = None,
+    clipping_method: str = "ghost",
     mesh: jax.sharding.Mesh | None = None,
     models_per_program: int | None = None,
     device_memory_bytes: int | None = None,
@@ -119,6 +121,8 @@ def train_many(
       batch_size: rows per step without DP, at most each model's member count.
       strategy: "auto", "vmap" or "sequential"; "auto" means `choose_strategy(mesh=mesh)`.
       dp: DP-SGD settings shared by all models, or None.
+      clipping_method: under DP, "ghost" or "vmap", as in `training.fit` (whose default is
+        also "ghost").
       mesh: a `sharding.make_mesh` mesh: models split over its "model" axis, each step's batch
         over its "data" axis. Needs the "vmap" strategy.
       models_per_program: with "vmap", the most models in one program; groups of this many run
@@ -129,16 +133,20 @@ def train_many(
       progress: show a tqdm bar over model-steps.
 
     Returns:
-      (params, stats): `params` is the parameter pytree with a leading (K,) axis on every leaf,
-      model k at index k; `stats` is a list of K `training.FitStats`.
+      (params, stats). `params` is the parameter pytree with a leading (K,) axis on every leaf,
+      model k at index k, and `stats` is a list of K `training.FitStats`.
 
     Raises:
       ValueError: masks that are not (K, N) bool, a mask that selects no rows, a batch size
         larger than a model's member count, a step count that differs from `dp.num_steps`, an
-        unknown strategy, "sequential" with a mesh, a model count or batch that the mesh axes
-        do not divide, one vmapped program that needs more memory than a device has, or a
-        BatchNorm layer in the parameters.
+        unknown strategy or clipping method, "sequential" with a mesh, a model count or batch
+        that the mesh axes do not divide, one vmapped program that needs more memory than a
+        device has, or a BatchNorm layer in the parameters.
     """
+    if clipping_method not in dp_sgd.CLIPPING_METHODS:
+        raise ValueError(
+            f"{clipping_method=} is unknown; expected one of {dp_sgd.CLIPPING_METHODS}"
+        )
     members = _member_rows(keys, data, masks)
     num_models = len(members)
     steps = _steps_per_model(num_steps, num_models, dp)
@@ -159,7 +167,7 @@ def train_many(
 
     batched = strategy == "vmap"
     functions = _step_functions(
-        params_init_fn, per_example_loss, optimizer, batch_size, dp, mesh, batched
+        params_init_fn, per_example_loss, optimizer, batch_size, dp, clipping_method, mesh, batched
     )
     runner = _Runner(
         functions,
@@ -307,9 +315,9 @@ def train_classifiers(
 
 @functools.lru_cache(maxsize=16)
 def _classifier_functions(config_items: tuple, num_classes: int, image_shape: tuple):
-    """(init, per-example loss, optimizer) of `classifier.train_classifier` for one config.
+    """Build the (init, per-example loss, optimizer) of `classifier.train_classifier`.
 
-    Cached, so that calls with the same config reuse `train_many`'s compiled steps.
+    Cached per config, so that calls with the same config reuse `train_many`'s compiled steps.
     """
     config = dict(config_items)
     model = networks.CNN(num_classes, features=config["features"], hidden=config["hidden"])
@@ -346,8 +354,8 @@ def _member_rows(keys, data, masks) -> list[np.ndarray]:
     empty = np.flatnonzero(counts == 0)
     if empty.size:
         raise ValueError(
-            f"masks {empty.tolist()} select none of the {num_rows} data rows; every model needs "
-            "at least one member"
+            f"rows {empty.tolist()} of masks select none of the {num_rows} data rows; every model "
+            "needs at least one member"
         )
     return [np.flatnonzero(mask) for mask in masks]
 
@@ -399,50 +407,35 @@ def _group_size(models_per_program, num_models: int, strategy: str) -> int:
 
 
 def _non_private_step(per_example_loss, optimizer, batch_size):
-    """Build one model's non-private step, computed as `training.fit` computes it."""
-    batched_loss = jax.vmap(per_example_loss, in_axes=(None, 0, 0))
-
-    def mean_loss(params, batch, key):
-        keys = jax.random.split(key, batch_size)
-        return jnp.mean(batched_loss(params, batch, keys))
+    """Build one model's non-private step: `training.fit`'s step, with its key derivation."""
+    fit_step = training.make_non_private_step(per_example_loss, optimizer, batch_size=batch_size)
 
     def step(params, opt_state, data, indices, loop_key, step_index):
-        batch = tuple(array[indices] for array in data)
         key = jax.random.fold_in(loop_key, step_index)
-        loss, grads = jax.value_and_grad(mean_loss)(params, batch, key)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return fit_step(params, opt_state, data, indices, key)
 
     return step
 
 
-def _private_steps(per_example_loss, optimizer, dp):
-    """Build one model's DP-SGD chunk accumulation and final step, with `training.fit`'s keys."""
-    clip_fn = clipping.clipped_grad_sum(per_example_loss, l2_norm_clip=dp.l2_norm_clip)
+def _private_steps(per_example_loss, optimizer, dp, clipping_method):
+    """Build one model's DP-SGD chunk accumulation and final step from `training.fit`'s."""
+    clip_fn = dp_sgd.make_clip_fn(
+        per_example_loss, l2_norm_clip=dp.l2_norm_clip, clipping_method=clipping_method
+    )
+    fit_accumulate, fit_step = training.make_private_steps(clip_fn, optimizer, dp)
+
+    def step_keys(loop_key, step_index, chunk_index):
+        loss_key, noise_key = jax.random.split(jax.random.fold_in(loop_key, step_index))
+        return jax.random.fold_in(loss_key, chunk_index), noise_key
 
     def accumulate(params, total, data, indices, mask, loop_key, step_index, chunk_index):
-        loss_key, _ = jax.random.split(jax.random.fold_in(loop_key, step_index))
-        batch = tuple(array[indices] for array in data)
-        chunk_key = jax.random.fold_in(loss_key, chunk_index)
-        clipped_sum, stats = clip_fn(params, batch, mask, chunk_key)
-        finite_loss = mask & jnp.isfinite(stats.losses)
-        summary = (
-            jnp.sum(jnp.where(finite_loss, stats.losses, 0.0)),
-            jnp.sum(finite_loss, dtype=jnp.int32),
-            stats.num_clipped,
-            stats.num_nonfinite,
-        )
-        return jax.tree.map(jnp.add, total, clipped_sum), summary
+        chunk_key, _ = step_keys(loop_key, step_index, chunk_index)
+        return fit_accumulate(params, total, data, indices, mask, chunk_key)
 
     def step(params, opt_state, total, data, indices, mask, loop_key, step_index, chunk_index):
-        total, summary = accumulate(
-            params, total, data, indices, mask, loop_key, step_index, chunk_index
-        )
-        # The noise is added once, to the sum over every chunk of the step's Poisson batch.
-        _, noise_key = jax.random.split(jax.random.fold_in(loop_key, step_index))
-        grads = dp_sgd.noisy_gradient(noise_key, total, dp)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, summary
+        # `fit_step` adds the noise once, to the sum over every chunk of the Poisson batch.
+        chunk_key, noise_key = step_keys(loop_key, step_index, chunk_index)
+        return fit_step(params, opt_state, total, data, indices, mask, chunk_key, noise_key)
 
     return accumulate, step
 
@@ -456,14 +449,25 @@ def _keep_inactive(active, new_tree, old_tree):
     return jax.tree.map(select, new_tree, old_tree)
 
 
-def _step_functions(params_init_fn, per_example_loss, optimizer, batch_size, dp, mesh, batched):
+def _step_functions(
+    params_init_fn, per_example_loss, optimizer, batch_size, dp, clipping_method, mesh, batched
+):
     """Return the init and jitted step functions, shared by every call with the same objects.
 
     jax.jit caches compiled programs per function object, so reusing these objects lets a later
     call with the same loss, optimizer and shapes skip compilation. Unhashable arguments get
     fresh functions.
     """
-    arguments = (params_init_fn, per_example_loss, optimizer, batch_size, dp, mesh, batched)
+    arguments = (
+        params_init_fn,
+        per_example_loss,
+        optimizer,
+        batch_size,
+        dp,
+        clipping_method,
+        mesh,
+        batched,
+    )
     try:
         return _cached_step_functions(*arguments)
     except TypeError:
@@ -471,7 +475,7 @@ def _step_functions(params_init_fn, per_example_loss, optimizer, batch_size, dp,
 
 
 def _build_step_functions(
-    params_init_fn, per_example_loss, optimizer, batch_size, dp, mesh, batched
+    params_init_fn, per_example_loss, optimizer, batch_size, dp, clipping_method, mesh, batched
 ):
     if not batched:
         # Initialisation runs eagerly, as in `training.fit` and `classifier.train_classifier`:
@@ -480,7 +484,7 @@ def _build_step_functions(
         if dp is None:
             step = _non_private_step(per_example_loss, optimizer, batch_size)
             return {**functions, "step": jax.jit(step)}
-        accumulate, step = _private_steps(per_example_loss, optimizer, dp)
+        accumulate, step = _private_steps(per_example_loss, optimizer, dp, clipping_method)
         return {**functions, "accumulate": jax.jit(accumulate), "step": jax.jit(step)}
 
     out = None if mesh is None else sharding.model_sharding(mesh)
@@ -502,7 +506,7 @@ def _build_step_functions(
             return new_params, _keep_inactive(active, new_state, opt_state), loss
 
         return {**functions, "step": jax.jit(masked_step, out_shardings=out)}
-    accumulate, step = _private_steps(per_example_loss, optimizer, dp)
+    accumulate, step = _private_steps(per_example_loss, optimizer, dp, clipping_method)
     accumulate = jax.vmap(accumulate, in_axes=(0, 0, None, 0, 0, 0, None, None))
     step = jax.vmap(step, in_axes=(0, 0, 0, None, 0, 0, 0, None, None))
     return {

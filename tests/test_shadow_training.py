@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from ppds_jax import classifier, dp_sgd, shadow_training, sharding, training
+from ppds_jax.generators.base import PrivacySpec
 
 NUM_ROWS, DIM, NUM_CLASSES = 48, 5, 3
 # Shared optimizer objects let tests reuse the steps that train_many compiled for earlier ones.
@@ -134,8 +135,8 @@ def test_sequential_matches_fit_under_dp():
 
 @pytest.mark.parametrize("dp", [None, DP], ids=["non_private", "dp_sgd"])
 def test_vmap_matches_sequential(dp):
-    # SGD keeps float rounding small; Adam divides by the root of the second moment and can turn
-    # a rounding difference in a gradient that should be zero into a full learning-rate step.
+    # SGD keeps float rounding small. Adam divides by the root of the second moment, so it can
+    # turn a rounding difference in a gradient that should be zero into a full learning-rate step.
     data = _problem()
     keys, masks = _keys(3), _masks(3)
     num_steps = DP.num_steps if dp else [6, 3, 8]
@@ -242,6 +243,43 @@ def test_train_classifiers_matches_train_classifier():
         assert results[k].selected_epoch == expected.selected_epoch
 
 
+def test_train_classifiers_matches_under_dp():
+    # A Flax CNN under DP-SGD runs ghost clipping, the default of training.fit, here vmapped
+    # over models. RDP calibrates the noise much faster than PLD.
+    rng = np.random.default_rng(4)
+    images = rng.uniform(-1, 1, (40, 8, 8, 1)).astype(np.float32)
+    labels = rng.integers(0, 4, 40).astype(np.int32)
+    masks = _masks(2, seed=5)[:, :40]
+    keys = _keys(2, seed=6)
+    config = {"features": (4,), "hidden": 8, "num_epochs": 1, "batch_size": 8}
+    privacy = PrivacySpec(target_epsilon=8.0, target_delta=1e-4, dataset_size=200, accountant="rdp")
+
+    results = shadow_training.train_classifiers(
+        keys,
+        images,
+        labels,
+        masks,
+        num_classes=4,
+        config=config,
+        privacy=privacy,
+        strategy="vmap",
+    )
+
+    expected = classifier.train_classifier(
+        keys[1],
+        images[masks[1]],
+        labels[masks[1]],
+        num_classes=4,
+        config=config,
+        privacy=privacy,
+    )
+    chex.assert_trees_all_close(results[1].params, expected.params, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(results[1].history["loss"], expected.history["loss"], rtol=1e-5)
+    assert len(results[1].history["loss"]) == 25
+    assert results[1].ledger.stages == expected.ledger.stages
+    assert results[0].ledger is not results[1].ledger
+
+
 def test_choose_strategy_rule():
     assert shadow_training.choose_strategy("cpu") == "sequential"
     assert shadow_training.choose_strategy("gpu") == "vmap"
@@ -268,11 +306,11 @@ def _train(**overrides):
 def test_mask_without_rows_is_rejected():
     masks = _masks(3)
     masks[1] = False
-    with pytest.raises(ValueError, match=r"masks \[1\] select none of the 48 data rows"):
+    with pytest.raises(ValueError, match=r"rows \[1\] of masks select none of the 48 data rows"):
         _train(masks=masks)
 
 
-def test_masks_must_be_bool_with_model_and_row_axes():
+def test_masks_must_be_bool_k_by_n():
     with pytest.raises(ValueError, match=r"\(K, N\) = \(3, 48\).*int64 with shape \(3, 48\)"):
         _train(masks=_masks(3).astype(np.int64))
     with pytest.raises(ValueError, match=r"shape \(3, 47\)"):
