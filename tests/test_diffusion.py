@@ -75,6 +75,21 @@ def test_unet_output_shape_matches_input(image_shape, channel_mults):
     assert output.dtype == jnp.float32
 
 
+def test_unet_output_depends_on_label_and_timestep(tiny_state):
+    # GroupNorm over one-channel groups would erase an embedding added before it, so this
+    # fails for a U-Net whose conditioning does not survive normalisation.
+    model = UNet(num_classes=10, channels=4, channel_mults=(1,))
+    image = jax.random.normal(jax.random.key(0), (8, 8, 1))
+    images = jnp.stack([image, image, image])
+    timesteps = jnp.array([10, 10, 40])
+    labels = jnp.array([1, 2, 1])
+
+    output = jax.jit(model.apply)({"params": tiny_state["params"]}, images, timesteps, labels)
+
+    assert float(jnp.abs(output[0] - output[1]).mean()) > 1e-3
+    assert float(jnp.abs(output[0] - output[2]).mean()) > 1e-3
+
+
 def test_init_state_has_null_class_and_shapes(tiny_state):
     state = diffusion.init(jax.random.key(0), image_shape=(8, 8, 1), num_classes=10, config=TINY)
 

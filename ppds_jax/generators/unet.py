@@ -53,7 +53,12 @@ def sinusoidal_embedding(timesteps: jax.Array, dim: int, max_period: float = 10_
 
 
 class ResidualBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, with the conditioning embedding added in between.
+    """Two GroupNorm-SiLU-conv stages, the second normalisation scaled and shifted by the embedding.
+
+    The embedding sets a per-channel scale and shift after the GroupNorm ("scale-shift norm",
+    Dhariwal and Nichol, 2021). Adding it before the GroupNorm instead, as the original DDPM
+    does, loses most of it in narrow networks, because GroupNorm subtracts each group's mean and
+    a group of this small U-Net holds only one or two channels.
 
     Input (B, H, W, C_in) and embedding (B, E); output (B, H, W, channels).
     """
@@ -64,8 +69,9 @@ class ResidualBlock(nn.Module):
     def __call__(self, x: jax.Array, embedding: jax.Array) -> jax.Array:
         h = nn.silu(nn.GroupNorm(num_groups=_num_groups(x.shape[-1]))(x))
         h = nn.Conv(self.channels, (3, 3))(h)
-        h = h + nn.Dense(self.channels)(nn.silu(embedding))[:, None, None, :]
-        h = nn.silu(nn.GroupNorm(num_groups=_num_groups(self.channels))(h))
+        scale, shift = jnp.split(nn.Dense(2 * self.channels)(nn.silu(embedding)), 2, axis=-1)
+        h = nn.GroupNorm(num_groups=_num_groups(self.channels))(h)
+        h = nn.silu(h * (1.0 + scale[:, None, None, :]) + shift[:, None, None, :])
         # A zero-initialised last convolution starts each block as the identity, which keeps
         # the early training of a deep residual stack stable.
         h = nn.Conv(self.channels, (3, 3), kernel_init=nn.initializers.zeros)(h)
