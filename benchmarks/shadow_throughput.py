@@ -48,6 +48,7 @@ def machine_info() -> dict:
         "devices": [str(device) for device in jax.devices()],
         "device_kind": jax.devices()[0].device_kind,
         "cpu_count": os.cpu_count(),
+        "load_average_1min": os.getloadavg()[0],
         "platform": platform.platform(),
         "python": platform.python_version(),
         "jax": jax.__version__,
