@@ -39,7 +39,8 @@ def test_parameter_and_sample_shapes():
     labels = jnp.arange(7) % 10
     images = vae.sample(jax.random.key(1), state, labels, config=CONFIG)
     assert images.shape == (7, 8, 8, 1)
-    assert float(images.min()) >= -1.0 and float(images.max()) <= 1.0
+    assert float(images.min()) >= -1.0
+    assert float(images.max()) <= 1.0
 
 
 def test_same_key_same_samples():
@@ -112,7 +113,7 @@ def test_dp_fit_ledger_meets_target(digits):
     assert summary["epsilon_rdp"] >= summary["epsilon_pld"]
 
 
-def test_white_box_scores_do_not_depend_on_query_order(digits):
+def test_white_box_scores_order_invariant(digits):
     images, labels = digits
     state = initial_state()
     scores = vae.member_scores(jax.random.key(2), state, images[:20], labels[:20], config=CONFIG)
