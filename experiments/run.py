@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    """Build the ExperimentConfig that the command line asks for."""
+    """Build the ExperimentConfig that the command-line arguments request."""
     preset = PRESETS["quick" if args.quick else args.preset]
     names = args.generator or ["vae"]
     base = preset(dataset=args.dataset, generator=names[0])
