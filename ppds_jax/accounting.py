@@ -83,10 +83,24 @@ def compute_epsilon(
         support.
     """
     _check_delta_range(target_delta)
+    # A PLD composition takes seconds, and an experiment asks for the same event many times
+    # (every shadow pipeline, every ledger summary). The text form of an event names its type
+    # and every parameter, so it identifies the mechanism.
+    cache_key = (repr(event), float(target_delta), accountant)
+    if cache_key in _EPSILON_CACHE:
+        return _EPSILON_CACHE[cache_key]
     acct = _make_accountant(accountant)
     if not acct.supports(event):
         raise ValueError(f"accountant {accountant!r} does not support the event {event}")
-    return float(acct.compose(event).get_epsilon(target_delta))
+    epsilon = float(acct.compose(event).get_epsilon(target_delta))
+    if len(_EPSILON_CACHE) >= _EPSILON_CACHE_SIZE:
+        _EPSILON_CACHE.pop(next(iter(_EPSILON_CACHE)))
+    _EPSILON_CACHE[cache_key] = epsilon
+    return epsilon
+
+
+_EPSILON_CACHE: dict[tuple[str, float, str], float] = {}
+_EPSILON_CACHE_SIZE = 4096
 
 
 def calibrate_noise_multiplier(

@@ -94,6 +94,15 @@ def make_per_example_loss(config, num_classes):
     return loss
 
 
+@functools.lru_cache(maxsize=16)
+def _training_functions(frozen_config: tuple, num_classes: int):
+    # One loss and optimizer object per configuration, so that training.fit reuses its compiled
+    # steps across the many classifiers of an experiment (target, shadows, real and synthetic).
+    config = dict(frozen_config)
+    optimizer = optax.adamw(config["learning_rate"], weight_decay=config["weight_decay"])
+    return make_per_example_loss(config, num_classes), optimizer
+
+
 def train_classifier(
     key,
     images,
@@ -154,8 +163,7 @@ def train_classifier(
             "classifier_dp_sgd", dp_sgd.dp_sgd_event(dp_config), dataclasses.asdict(dp_config)
         )
 
-    optimizer = optax.adamw(config["learning_rate"], weight_decay=config["weight_decay"])
-    loss = make_per_example_loss(config, num_classes)
+    loss, optimizer = _training_functions(tuple(sorted(config.items())), num_classes)
     fit = functools.partial(
         training.fit,
         per_example_loss=loss,

@@ -21,6 +21,7 @@ once per step, `num_steps` steps are `dp_sgd_event(config)`, which the accountan
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -132,11 +133,8 @@ def make_dp_sgd_config(
     if num_steps < 1:
         raise ValueError(f"{num_steps=} must be >= 1")
     sampling_prob = batch_size / dataset_size
-    noise_multiplier = accounting.calibrate_noise_multiplier(
-        lambda sigma: _event(sampling_prob, sigma, num_steps),
-        target_epsilon=target_epsilon,
-        target_delta=target_delta,
-        accountant=accountant,
+    noise_multiplier = _calibrated_noise_multiplier(
+        sampling_prob, int(num_steps), float(target_epsilon), float(target_delta), accountant
     )
     if physical_batch_size is None:
         physical_batch_size = default_physical_batch_size(batch_size, sampling_prob)
@@ -147,6 +145,20 @@ def make_dp_sgd_config(
         num_steps=int(num_steps),
         dataset_size=int(dataset_size),
         physical_batch_size=int(physical_batch_size),
+    )
+
+
+# Every shadow pipeline of an experiment asks for the same calibration, and each PLD search
+# takes seconds, so the answers are kept for the life of the process.
+@functools.lru_cache(maxsize=256)
+def _calibrated_noise_multiplier(
+    sampling_prob: float, num_steps: int, target_epsilon: float, target_delta: float, accountant
+) -> float:
+    return accounting.calibrate_noise_multiplier(
+        lambda sigma: _event(sampling_prob, sigma, num_steps),
+        target_epsilon=target_epsilon,
+        target_delta=target_delta,
+        accountant=accountant,
     )
 
 

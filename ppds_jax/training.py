@@ -1,13 +1,17 @@
 """A generic fit loop over a per-example loss, non-private or DP-SGD.
 
 Data stay on the device for the whole fit. Each step passes only row indices (and, under DP,
-a mask) to jitted step functions that are compiled once per fit. docs/design.md states the
-contract shared with the generator families and the classifier.
+a mask) to jitted step functions. The step functions are cached per loss function, optimizer
+and settings, and the data are padded to a coarse row count (`padded_num_rows`), so the fits of
+one experiment on different membership masks (a few rows more or fewer each) reuse one
+compilation as long as the caller passes the same loss and optimizer objects.
+docs/design.md states the contract shared with the generator families and the classifier.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -66,6 +70,25 @@ def _check_data(data: tuple) -> int:
 
 def _host_seed(key: jax.Array) -> int:
     return int(jax.random.randint(key, (), 0, np.iinfo(np.int32).max))
+
+
+def padded_num_rows(num_rows: int) -> int:
+    """The row count `fit` pads `num_rows` rows of data to: the next multiple of 2**(b - 3).
+
+    `b` is the bit length of `num_rows`, so the padding adds less than a quarter of the rows,
+    and every size in (4096, 5120] maps to 5120. Padded rows are never indexed.
+    """
+    granularity = 2 ** max(0, int(num_rows).bit_length() - 3)
+    return -(-int(num_rows) // granularity) * granularity
+
+
+def _pad_rows(data: tuple, num_rows: int) -> tuple:
+    padded = []
+    for array in data:
+        array = np.asarray(array)
+        extra = np.zeros((num_rows - array.shape[0], *array.shape[1:]), array.dtype)
+        padded.append(jnp.asarray(np.concatenate([array, extra])))
+    return tuple(padded)
 
 
 def fit(
@@ -131,7 +154,7 @@ def fit(
     if num_steps < 1:
         raise ValueError(f"{num_steps=} must be >= 1")
     _check_no_batch_norm_params(params)
-    data = tuple(jnp.asarray(array) for array in data)
+    data = _pad_rows(data, padded_num_rows(dataset_size))
     if dp is None:
         if not 1 <= batch_size <= dataset_size:
             raise ValueError(f"{batch_size=} must be in [1, {dataset_size}] (the data size)")
@@ -140,6 +163,7 @@ def fit(
             params,
             per_example_loss=per_example_loss,
             data=data,
+            dataset_size=dataset_size,
             optimizer=optimizer,
             num_steps=num_steps,
             batch_size=batch_size,
@@ -150,14 +174,13 @@ def fit(
         raise ValueError(
             f"{num_steps=} must equal dp.num_steps={dp.num_steps}, the steps the accountant assumes"
         )
-    clip_fn = dp_sgd.make_clip_fn(
-        per_example_loss, l2_norm_clip=dp.l2_norm_clip, clipping_method=clipping_method
-    )
+    clip_fn = _cached_clip_fn(per_example_loss, dp.l2_norm_clip, clipping_method)
     return _fit_private(
         key,
         params,
         clip_fn=clip_fn,
         data=data,
+        dataset_size=dataset_size,
         optimizer=optimizer,
         dp=dp,
         progress=progress,
@@ -238,22 +261,41 @@ def make_private_steps(clip_fn, optimizer: optax.GradientTransformation, dp: dp_
     return accumulate, step
 
 
+# jax.jit caches compilations per function object, so `fit` keeps the step functions it built
+# for a (loss, optimizer, settings) combination and hands them to later fits with the same one.
+@functools.lru_cache(maxsize=32)
+def _cached_clip_fn(per_example_loss, l2_norm_clip, clipping_method):
+    return dp_sgd.make_clip_fn(
+        per_example_loss, l2_norm_clip=l2_norm_clip, clipping_method=clipping_method
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_non_private_step(per_example_loss, optimizer, batch_size):
+    return make_non_private_step(per_example_loss, optimizer, batch_size=batch_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_private_steps(clip_fn, optimizer, dp):
+    return make_private_steps(clip_fn, optimizer, dp)
+
+
 def _fit_non_private(
     key,
     params,
     *,
     per_example_loss,
     data,
+    dataset_size,
     optimizer,
     num_steps,
     batch_size,
     progress,
     progress_desc,
 ):
-    dataset_size = data[0].shape[0]
     shuffle_key, loop_key = jax.random.split(key)
     rng = np.random.default_rng(_host_seed(shuffle_key))
-    step = make_non_private_step(per_example_loss, optimizer, batch_size=batch_size)
+    step = _cached_non_private_step(per_example_loss, optimizer, batch_size)
     opt_state = optimizer.init(params)
     batches_per_epoch = dataset_size // batch_size
     losses = []
@@ -270,10 +312,11 @@ def _fit_non_private(
     return params, FitStats(loss=np.asarray(jax.device_get(losses), dtype=np.float64))
 
 
-def _fit_private(key, params, *, clip_fn, data, optimizer, dp, progress, progress_desc):
-    dataset_size = data[0].shape[0]
+def _fit_private(
+    key, params, *, clip_fn, data, dataset_size, optimizer, dp, progress, progress_desc
+):
     sampling_key, loop_key = jax.random.split(key)
-    accumulate, step = make_private_steps(clip_fn, optimizer, dp)
+    accumulate, step = _cached_private_steps(clip_fn, optimizer, dp)
     batches = batch_selection.poisson_batches(
         seed=_host_seed(sampling_key),
         dataset_size=dataset_size,

@@ -56,13 +56,22 @@ def _dp_config(**overrides):
     return dp_sgd.DpSgdConfig(**settings)
 
 
-def _fit(data, *, num_steps=5, batch_size=NUM_ROWS, dp=None, params=None, loss=_squared_error):
+def _fit(
+    data,
+    *,
+    num_steps=5,
+    batch_size=NUM_ROWS,
+    dp=None,
+    params=None,
+    loss=_squared_error,
+    optimizer=None,
+):
     return training.fit(
         jax.random.key(0),
         _initial_params() if params is None else params,
         per_example_loss=loss,
         data=data,
-        optimizer=optax.sgd(LEARNING_RATE),
+        optimizer=optax.sgd(LEARNING_RATE) if optimizer is None else optimizer,
         num_steps=num_steps,
         batch_size=batch_size,
         dp=dp,
@@ -157,6 +166,45 @@ def test_step_compiled_once(caplog):
         _fit((x, y), num_steps=8, batch_size=4)
     step_compiles = [r for r in caplog.records if "Compiling jit(step)" in r.getMessage()]
     assert len(step_compiles) == 2, [r.getMessage()[:80] for r in step_compiles]
+
+
+@pytest.mark.parametrize(
+    ("num_rows", "expected"),
+    [(1, 1), (7, 7), (13, 14), (100, 112), (4096, 4096), (4097, 5120), (5000, 5120)],
+)
+def test_padded_num_rows(num_rows, expected):
+    assert training.padded_num_rows(num_rows) == expected
+
+
+def test_padding_rows_are_never_trained_on():
+    # 13 rows are padded to 14 with a zero row; a zero row would pull w towards 0, and the
+    # shuffled batches of size 13 would include it if the padding leaked into the row count.
+    x, y = _regression_data()
+    x13 = np.concatenate([x, x[:1] + 1.0])
+    y13 = np.concatenate([y, y[:1] + 3.0])
+    params, _ = _fit((x13, y13), num_steps=5, batch_size=13)
+    expected = _closed_form_gradient_descent(x13.astype(np.float64), y13.astype(np.float64), 5)
+    np.testing.assert_allclose(np.asarray(params["w"]), expected, rtol=1e-4)
+    dp_params, stats = _fit((x13, y13), dp=_dp_config(dataset_size=13, physical_batch_size=13))
+    np.testing.assert_allclose(np.asarray(dp_params["w"]), expected, rtol=1e-4)
+    np.testing.assert_array_equal(stats.batch_sizes, 13)
+
+
+def test_nearby_data_sizes_share_one_compilation(caplog):
+    def loss(params, example, key):  # a new function object, so no earlier test compiled it
+        return _squared_error(params, example, key)
+
+    optimizer = optax.sgd(LEARNING_RATE)  # fit caches its steps per loss and optimizer object
+    rng = np.random.default_rng(1)
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        for num_rows in (13, 14, 13):
+            data = (
+                rng.normal(size=(num_rows, 3)).astype(np.float32),
+                np.zeros(num_rows, np.float32),
+            )
+            _fit(data, num_steps=2, batch_size=4, loss=loss, optimizer=optimizer)
+    step_compiles = [r for r in caplog.records if "Compiling jit(step)" in r.getMessage()]
+    assert len(step_compiles) == 1, [r.getMessage()[:80] for r in step_compiles]
 
 
 class _BatchNormModel(nn.Module):

@@ -115,6 +115,15 @@ def make_per_example_loss(*, image_shape, num_classes, config):
     return loss
 
 
+@functools.lru_cache(maxsize=16)
+def _training_functions(image_shape, num_classes, frozen_config: tuple):
+    # One loss and optimizer object per configuration, so that training.fit reuses its compiled
+    # steps across the target and shadow VAEs of an experiment.
+    config = dict(frozen_config)
+    loss = make_per_example_loss(image_shape=image_shape, num_classes=num_classes, config=config)
+    return loss, optax.adam(config["learning_rate"])
+
+
 def fit(key, state, images, labels, *, config, privacy: PrivacySpec | None = None, progress=False):
     """Train the VAE, with DP-SGD when `privacy` is given.
 
@@ -129,8 +138,9 @@ def fit(key, state, images, labels, *, config, privacy: PrivacySpec | None = Non
       per step.
     """
     image_shape, num_classes = state["image_shape"], state["num_classes"]
-    loss = make_per_example_loss(image_shape=image_shape, num_classes=num_classes, config=config)
-    optimizer = optax.adam(config["learning_rate"])
+    loss, optimizer = _training_functions(
+        tuple(image_shape), num_classes, tuple(sorted(config.items()))
+    )
     batch_size = config["batch_size"]
     ledger = None
     dp_config = None
