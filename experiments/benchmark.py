@@ -43,6 +43,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from experiments import compilation_cache
 from experiments import grid as grid_module
 from experiments.experiment import split_pool
 from ppds_jax import (
@@ -579,6 +580,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-progress", action="store_true", help="hide the progress bars (logs remain)"
     )
+    parser.add_argument(
+        "--no-compilation-cache",
+        action="store_true",
+        help="do not keep compiled XLA programs on disk (default: keep them in "
+        "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/ppds_jax/xla, so that shadow runs, other "
+        "cells and resumed runs load them instead of compiling again; results are the same)",
+    )
     return parser
 
 
@@ -630,6 +638,8 @@ def main(argv: Iterable[str] | None = None) -> int:
             return 0
         if args.out is None:
             raise ValueError("--out is required to run the grid")
+        if not args.no_compilation_cache:
+            compilation_cache.enable()
         summary = run(
             grid,
             args.out,

@@ -4,6 +4,7 @@
   config.json            the configuration and its fingerprint
   signals/NAME/M.npz     what an attacker observes of pipeline NAME on mask M (0 = target)
   ledgers/NAME.json      the privacy ledger of each private target release
+  fidelity/NAME.json     the fidelity proxy of the target's synthetic set (generator variants)
   metrics.json           one record per released artefact
   report.md, *.png       the results table, ROC curves and sample grids
 A finished (variant, mask) pair is never recomputed when resuming.
@@ -23,8 +24,18 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from experiments.config import ExperimentConfig
-from ppds_jax import classifier, datasets, evaluation, membership, plots, report
-from ppds_jax.pipeline import PipelineSpec, collect_signals, run_pipeline
+from ppds_jax import (
+    classifier,
+    datasets,
+    evaluation,
+    fidelity,
+    membership,
+    plots,
+    report,
+    shadow_training,
+)
+from ppds_jax.generators.base import PrivacySpec
+from ppds_jax.pipeline import PipelineOutput, PipelineSpec, collect_signals, run_pipeline
 
 log = logging.getLogger("ppds_jax.experiment")
 
@@ -108,6 +119,52 @@ def split_pool(data: datasets.Dataset, config: ExperimentConfig):
     return pool, (population_source[0][chosen], population_source[1][chosen])
 
 
+def _signals_path(workdir: Path, spec: PipelineSpec, mask_index: int) -> Path:
+    return workdir / "signals" / spec.name / f"{mask_index}.npz"
+
+
+def _trains_classifiers_together(spec: PipelineSpec, shadow_strategy: str) -> bool:
+    if shadow_strategy == "separate" or spec.generator is not None:
+        return False
+    return classifier.resolve_config(dict(spec.classifier_config))["early_stopping_patience"] == 0
+
+
+def _real_classifier_outputs(
+    config, spec, masks, pending, pool, num_classes, public_size, shadow_strategy
+) -> dict[int, PipelineOutput]:
+    """Train the real-data classifiers of `pending` masks in one `train_classifiers` call.
+
+    Each classifier gets the key that `run_pipeline` gives its classifier stage, so with the
+    "sequential" strategy the outputs equal those of one `run_pipeline` call per mask.
+    """
+    keys = []
+    for mask_index in pending:
+        pipeline_key, _ = jax.random.split(_pipeline_key(config.seed, spec, mask_index))
+        keys.append(jax.random.split(pipeline_key, 3)[2])
+    privacy = None
+    if spec.epsilon is not None:
+        privacy = PrivacySpec(
+            target_epsilon=spec.epsilon,
+            target_delta=config.target_delta,
+            dataset_size=public_size,
+            l2_norm_clip=config.l2_norm_clip,
+        )
+    results = shadow_training.train_classifiers(
+        jax.numpy.stack(keys),
+        pool[0],
+        pool[1],
+        masks[pending],
+        num_classes=num_classes,
+        config=dict(spec.classifier_config),
+        privacy=privacy,
+        strategy=shadow_strategy,
+    )
+    return {
+        mask_index: PipelineOutput(spec=spec, classifier=result, ledger=result.ledger)
+        for mask_index, result in zip(pending, results, strict=True)
+    }
+
+
 def _pipeline_key(seed: int, spec: PipelineSpec, mask_index: int):
     # Keys depend on the variant's name, not its position, so adding a variant to a config
     # leaves the others' results unchanged.
@@ -115,12 +172,37 @@ def _pipeline_key(seed: int, spec: PipelineSpec, mask_index: int):
     return jax.random.fold_in(key, mask_index)
 
 
-def run(config: ExperimentConfig, workdir, *, resume: bool = False, progress: bool = True):
+SHADOW_STRATEGIES = ("auto", "sequential", "vmap", "separate")
+
+
+def run(
+    config: ExperimentConfig,
+    workdir,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    shadow_strategy: str = "auto",
+):
     """Run the experiment into `workdir` and return the metrics records.
+
+    Args:
+      config: the experiment.
+      workdir: the run folder.
+      resume: reuse a run folder of the same configuration, computing only what is missing.
+      progress: show progress bars.
+      shadow_strategy: how the classifiers of real-data variants (without early stopping) are
+        trained on the target and shadow masks: "separate" runs `run_pipeline` per mask; the
+        others train them in one `shadow_training.train_classifiers` call with that strategy
+        ("auto" picks "sequential" on a CPU and "vmap" on an accelerator). "sequential" gives
+        exactly the results of "separate"; "vmap" agrees up to float rounding. Generator
+        variants always run one pipeline per mask.
 
     Raises:
       RunFolderError: see `prepare_workdir`.
+      ValueError: an unknown `shadow_strategy`.
     """
+    if shadow_strategy not in SHADOW_STRATEGIES:
+        raise ValueError(f"{shadow_strategy=} is unknown; expected one of {SHADOW_STRATEGIES}")
     workdir = Path(workdir)
     started = time.perf_counter()
     # Data problems (a missing folder, a corrupt file) surface before the run folder exists.
@@ -149,38 +231,69 @@ def run(config: ExperimentConfig, workdir, *, resume: bool = False, progress: bo
         public_size,
     )
 
+    extractor = _LazyExtractor(config.seed, pool_images, pool_labels, data.num_classes)
     timings = {}
-    jobs = [(spec, m) for spec in config.pipelines for m in range(len(masks))]
-    bar = tqdm(jobs, desc="pipelines", disable=not progress, unit="run")
-    for spec, mask_index in bar:
-        path = workdir / "signals" / spec.name / f"{mask_index}.npz"
-        if path.exists():
-            continue
-        bar.set_postfix_str(f"{spec.name} mask {mask_index}")
-        tic = time.perf_counter()
-        key = _pipeline_key(config.seed, spec, mask_index)
-        pipeline_key, signal_key = jax.random.split(key)
-        mask = masks[mask_index]
-        output = run_pipeline(
-            pipeline_key,
-            pool_images[mask],
-            pool_labels[mask],
-            spec=spec,
-            num_classes=data.num_classes,
-            public_dataset_size=public_size,
-            target_delta=config.target_delta,
-            l2_norm_clip=config.l2_norm_clip,
-            progress=False,
-        )
-        signals = collect_signals(signal_key, output, pool_images, pool_labels, population_images)
-        result = output.classifier
-        accuracy = classifier.accuracy_of(
-            result.params, result.config, data.num_classes, data.test_images, data.test_labels
-        )
-        if mask_index == 0:
-            _save_target_artefacts(workdir, spec, output, config.target_delta, data.class_names)
-        _save_npz_atomically(path, test_accuracy=np.float32(accuracy), **signals)
-        timings.setdefault(spec.name, []).append(time.perf_counter() - tic)
+    bar = tqdm(
+        total=len(config.pipelines) * len(masks),
+        desc="pipelines",
+        disable=not progress,
+        unit="run",
+    )
+    for spec in config.pipelines:
+        pending = [m for m in range(len(masks)) if not _signals_path(workdir, spec, m).exists()]
+        bar.update(len(masks) - len(pending))
+        batched = {}
+        if len(pending) >= 2 and _trains_classifiers_together(spec, shadow_strategy):
+            bar.set_postfix_str(f"{spec.name} masks {pending[0]}-{pending[-1]} together")
+            tic = time.perf_counter()
+            batched = _real_classifier_outputs(
+                config, spec, masks, pending, pool, data.num_classes, public_size, shadow_strategy
+            )
+            seconds_each = (time.perf_counter() - tic) / len(pending)
+        for mask_index in pending:
+            bar.set_postfix_str(f"{spec.name} mask {mask_index}")
+            tic = time.perf_counter()
+            pipeline_key, signal_key = jax.random.split(
+                _pipeline_key(config.seed, spec, mask_index)
+            )
+            mask = masks[mask_index]
+            output = batched.get(mask_index) or run_pipeline(
+                pipeline_key,
+                pool_images[mask],
+                pool_labels[mask],
+                spec=spec,
+                num_classes=data.num_classes,
+                public_dataset_size=public_size,
+                target_delta=config.target_delta,
+                l2_norm_clip=config.l2_norm_clip,
+                progress=False,
+            )
+            signals = collect_signals(
+                signal_key, output, pool_images, pool_labels, population_images
+            )
+            result = output.classifier
+            accuracy = classifier.accuracy_of(
+                result.params, result.config, data.num_classes, data.test_images, data.test_labels
+            )
+            if mask_index == 0:
+                _save_target_artefacts(workdir, spec, output, config.target_delta, data.class_names)
+                if output.synthetic_images is not None:
+                    scores = fidelity.fidelity_proxy(
+                        extractor.get(),
+                        data.test_images[:FIDELITY_REFERENCE_SIZE],
+                        output.synthetic_images,
+                    )
+                    (workdir / "fidelity").mkdir(exist_ok=True)
+                    _write_json_atomically(workdir / "fidelity" / f"{spec.name}.json", scores)
+            _save_npz_atomically(
+                _signals_path(workdir, spec, mask_index),
+                test_accuracy=np.float32(accuracy),
+                **signals,
+            )
+            seconds = time.perf_counter() - tic + (seconds_each if batched else 0.0)
+            timings.setdefault(spec.name, []).append(seconds)
+            bar.update()
+    bar.close()
 
     records, curves = evaluation.evaluate_experiment(
         workdir=workdir,
@@ -190,6 +303,10 @@ def run(config: ExperimentConfig, workdir, *, resume: bool = False, progress: bo
         population_labels=population_labels,
         target_delta=config.target_delta,
     )
+    for record in records:
+        path = workdir / "fidelity" / f"{record['pipeline']}.json"
+        if record["generator"] is not None and path.exists():
+            record["fidelity"] = json.loads(path.read_text())
     _write_json_atomically(workdir / "metrics.json", records)
     seconds = time.perf_counter() - started
     report_path = report.write_report(
@@ -209,6 +326,37 @@ def run(config: ExperimentConfig, workdir, *, resume: bool = False, progress: bo
     )
     log.info("finished in %.0f s; report: %s", seconds, report_path)
     return records
+
+
+# Real test images that the fidelity proxy compares each synthetic set with; the k-NN precision
+# and recall cost grows with the square of this number.
+FIDELITY_REFERENCE_SIZE = 5000
+
+
+class _LazyExtractor:
+    """The fidelity proxy's feature extractor, trained on the pool at first use.
+
+    The pool is real training data, never the test split (see `ppds_jax.fidelity`). The
+    extractor only measures samples; nothing is selected by it, and it is never released.
+    """
+
+    def __init__(self, seed, images, labels, num_classes):
+        self._arguments = (seed, images, labels, num_classes)
+        self._extractor = None
+
+    def get(self) -> fidelity.FeatureExtractor:
+        if self._extractor is None:
+            seed, images, labels, num_classes = self._arguments
+            batch_size = min(128, len(images))
+            self._extractor = fidelity.train_feature_extractor(
+                jax.random.fold_in(jax.random.key(seed), zlib.crc32(b"fidelity")),
+                images,
+                labels,
+                num_classes=num_classes,
+                num_steps=2 * max(1, len(images) // batch_size),
+                batch_size=batch_size,
+            )
+        return self._extractor
 
 
 def _save_target_artefacts(workdir: Path, spec, output, target_delta, class_names) -> None:

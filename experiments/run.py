@@ -18,9 +18,10 @@ import dataclasses
 import logging
 import sys
 
+from experiments import compilation_cache
 from experiments.config import with_epsilons
 from experiments.configs import PRESETS
-from experiments.experiment import RunFolderError, run
+from experiments.experiment import SHADOW_STRATEGIES, RunFolderError, run
 from ppds_jax import datasets, generators
 
 
@@ -83,6 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--resume", action="store_true", help="reuse a run folder of this config")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--shadow-strategy",
+        choices=SHADOW_STRATEGIES,
+        default="auto",
+        help="how the real-data classifiers of the target and shadow masks are trained: in one "
+        "call, one model after another (sequential, the CPU choice of auto), or stacked with "
+        "vmap (the accelerator choice of auto); or separate, one pipeline call per mask. "
+        "sequential and separate give identical results, vmap agrees up to float rounding "
+        "(default: auto)",
+    )
+    parser.add_argument(
+        "--no-compilation-cache",
+        action="store_true",
+        help="do not keep compiled XLA programs on disk (default: keep them in "
+        "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/ppds_jax/xla, so that shadow pipelines and "
+        "later runs load them instead of compiling again; results are the same either way)",
+    )
     return parser
 
 
@@ -113,9 +131,17 @@ def config_from_args(args: argparse.Namespace):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if not args.no_compilation_cache:
+        compilation_cache.enable()
     try:
         config = config_from_args(args)
-        run(config, args.out, resume=args.resume, progress=not args.no_progress)
+        run(
+            config,
+            args.out,
+            resume=args.resume,
+            progress=not args.no_progress,
+            shadow_strategy=args.shadow_strategy,
+        )
     except (RunFolderError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -85,6 +85,45 @@ def attacks_table(records: Sequence[Mapping]) -> str:
     return "\n".join(lines)
 
 
+def fidelity_table(records: Sequence[Mapping]) -> str | None:
+    """Markdown table of each generator variant's fidelity proxy, or None if no record has one."""
+    rows = [r for r in records if r.get("fidelity") and r["release"] == "synthetic_classifier"]
+    if not rows:
+        return None
+    lines = [
+        "| pipeline | generator | epsilon | synthetic-classifier accuracy | Frechet distance "
+        "(proxy) | precision | recall |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for record in rows:
+        scores = record["fidelity"]
+        lines.append(
+            f"| {record['pipeline']} | {record['generator']} | {_epsilon_cell(record)} | "
+            f"{_format(record['test_accuracy'])} | "
+            f"{_format(scores['frechet_distance_proxy'], 2)} | {_format(scores['precision'])} | "
+            f"{_format(scores['recall'])} |"
+        )
+    return "\n".join(lines)
+
+
+def ledger_lines(record: Mapping) -> list[str]:
+    """Markdown list of one private release's ledger: the epsilons and every stage."""
+    ledger = record.get("ledger") or {}
+    lines = [
+        f"- {record['pipeline']} ({record['release']}): epsilon "
+        f"{_format(ledger.get('epsilon_pld'))} (PLD), {_format(ledger.get('epsilon_rdp'))} "
+        f"(RDP) at delta {record['delta']:g}; ledger: `ledgers/{record['pipeline']}.json`"
+    ]
+    for stage in ledger.get("stages", []):
+        parameters = ", ".join(
+            f"{key} {_format(value, 4) if isinstance(value, float) else value}"
+            for key, value in stage.get("parameters", {}).items()
+        )
+        lines.append(f"  - stage `{stage['name']}`: {parameters}")
+        lines.append(f"    event: `{stage['event']}`")
+    return lines
+
+
 def write_report(
     workdir,
     *,
@@ -135,15 +174,30 @@ def write_report(
     ]
     private = [r for r in records if r["epsilon"] is not None]
     if private:
-        sections += ["## Privacy ledgers", ""]
+        sections += [
+            "## Privacy ledgers",
+            "",
+            "Each private release's mechanism as dp-accounting composes it: every stage that "
+            "touched the private data, with its DP-SGD or Gaussian-mechanism parameters.",
+            "",
+        ]
         for record in private:
-            ledger = record.get("ledger") or {}
-            sections.append(
-                f"- {record['pipeline']} ({record['release']}): epsilon "
-                f"{_format(ledger.get('epsilon_pld'))} (PLD), {_format(ledger.get('epsilon_rdp'))} "
-                f"(RDP) at delta {record['delta']:g}; ledger: `ledgers/{record['pipeline']}.json`"
-            )
+            sections += ledger_lines(record)
         sections.append("")
+    table = fidelity_table(records)
+    if table:
+        sections += [
+            "## Fidelity (proxy, not FID)",
+            "",
+            "Squared Frechet distance, and k-NN precision and recall (k = 5), between each "
+            "target synthetic set and up to 5,000 real test images, in the hidden layer of a "
+            "small CNN trained on the real training pool. Inception weights cannot be "
+            "downloaded here, so these figures rank generators within this report but are not "
+            "comparable with FID values elsewhere.",
+            "",
+            table,
+            "",
+        ]
     if curves:
         sections += ["## ROC curves", ""]
         for label, attack_curves in curves.items():

@@ -73,7 +73,7 @@ def _host_seed(key: jax.Array) -> int:
 
 
 def padded_num_rows(num_rows: int) -> int:
-    """The row count `fit` pads `num_rows` rows of data to: the next multiple of 2**(b - 3).
+    """Return the row count `fit` pads `num_rows` rows to: the next multiple of 2**(b - 3).
 
     `b` is the bit length of `num_rows`, so the padding adds less than a quarter of the rows,
     and every size in (4096, 5120] maps to 5120. Padded rows are never indexed.

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from experiments import run as run_cli
-from experiments.config import ExperimentConfig
+from experiments.config import ExperimentConfig, with_epsilons
 from experiments.experiment import RunFolderError, run
 from ppds_jax.pipeline import PipelineSpec
 
@@ -85,10 +85,60 @@ def test_report_and_figures_written(finished_run):
     assert json.loads((workdir / "config.json").read_text())["config"]["dataset"] == "digits"
 
 
+def test_fidelity_proxy_recorded_for_generator_releases(finished_run):
+    workdir, records = finished_run
+    for record in records:
+        if record["generator"] is None:
+            assert "fidelity" not in record
+            continue
+        scores = record["fidelity"]
+        assert scores["frechet_distance_proxy"] > 0.0
+        assert 0.0 <= scores["precision"] <= 1.0
+        assert 0.0 <= scores["recall"] <= 1.0
+    report = (workdir / "report.md").read_text()
+    assert "## Fidelity (proxy, not FID)" in report
+    distance = records[1]["fidelity"]["frechet_distance_proxy"]
+    assert f"| vae | vae | - | {records[1]['test_accuracy']:.3f} | {distance:.2f} |" in report
+
+
+def test_private_releases_carry_epsilon_and_ledger(tmp_path):
+    config = tiny_config()
+    config = tiny_config(num_shadows=4, pipelines=with_epsilons(config.pipelines, (10.0,)))
+    records = run(config, tmp_path, progress=False)
+    private = [r for r in records if r["epsilon"] is not None]
+    assert {(r["pipeline"], r["release"]) for r in private} == {
+        ("real_eps10", "dp_real_classifier"),
+        ("vae_eps10", "synthetic_classifier"),
+        ("vae_eps10", "synthetic_data"),
+        ("vae_eps10", "generator"),
+    }
+    report = (tmp_path / "report.md").read_text()
+    for record in private:
+        assert 9.0 < record["epsilon"] <= 10.0
+        assert record["delta"] == config.target_delta
+        ledger = json.loads((tmp_path / "ledgers" / f"{record['pipeline']}.json").read_text())
+        assert ledger["epsilon_pld"] == pytest.approx(record["epsilon"])
+        assert ledger["epsilon_pld"] <= ledger["epsilon_rdp"]
+        for stage in ledger["stages"]:
+            assert f"  - stage `{stage['name']}`: " in report
+    assert "## Privacy ledgers" in report
+
+
 def test_same_seed_gives_same_metrics(finished_run, tmp_path):
     _, records = finished_run
     again = run(tiny_config(), tmp_path / "again", progress=False)
     assert again == records
+
+
+def test_shadow_strategies_agree(finished_run, tmp_path):
+    # The module fixture ran with "auto" (sequential on a CPU): the real-data classifiers of
+    # all masks in one train_classifiers call. One run_pipeline call per mask must match it.
+    _, records = finished_run
+    real_only = tiny_config(pipelines=tiny_config().pipelines[:1])
+    separate = run(real_only, tmp_path / "separate", progress=False, shadow_strategy="separate")
+    assert separate == records[:1]
+    with pytest.raises(ValueError, match="shadow_strategy='together'"):
+        run(tiny_config(), tmp_path / "x", progress=False, shadow_strategy="together")
 
 
 def test_existing_run_is_not_overwritten(finished_run):
