@@ -191,7 +191,7 @@ def run(
       resume: reuse a run folder of the same configuration, computing only what is missing.
       progress: show progress bars.
       shadow_strategy: how the classifiers of real-data variants (without early stopping) are
-        trained on the target and shadow masks: "separate" runs `run_pipeline` per mask; the
+        trained on the target and shadow masks. "separate" runs `run_pipeline` per mask, and the
         others train them in one `shadow_training.train_classifiers` call with that strategy
         ("auto" picks "sequential" on a CPU and "vmap" on an accelerator). "sequential" gives
         exactly the results of "separate"; "vmap" agrees up to float rounding. Generator
@@ -328,8 +328,8 @@ def run(
     return records
 
 
-# Real test images that the fidelity proxy compares each synthetic set with; the k-NN precision
-# and recall cost grows with the square of this number.
+# Real test images that the fidelity proxy compares each synthetic set with. The cost of the
+# k-NN precision and recall grows with the square of this number.
 FIDELITY_REFERENCE_SIZE = 5000
 
 

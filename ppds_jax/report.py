@@ -86,7 +86,7 @@ def attacks_table(records: Sequence[Mapping]) -> str:
 
 
 def fidelity_table(records: Sequence[Mapping]) -> str | None:
-    """Markdown table of each generator variant's fidelity proxy, or None if no record has one."""
+    """Build the table of each generator variant's fidelity proxy, or None if no record has one."""
     rows = [r for r in records if r.get("fidelity") and r["release"] == "synthetic_classifier"]
     if not rows:
         return None
@@ -107,7 +107,7 @@ def fidelity_table(records: Sequence[Mapping]) -> str | None:
 
 
 def ledger_lines(record: Mapping) -> list[str]:
-    """Markdown list of one private release's ledger: the epsilons and every stage."""
+    """Build the Markdown lines of one private release's ledger: the epsilons and every stage."""
     ledger = record.get("ledger") or {}
     lines = [
         f"- {record['pipeline']} ({record['release']}): epsilon "

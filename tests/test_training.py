@@ -177,8 +177,8 @@ def test_padded_num_rows(num_rows, expected):
 
 
 def test_padding_rows_are_never_trained_on():
-    # 13 rows are padded to 14 with a zero row; a zero row would pull w towards 0, and the
-    # shuffled batches of size 13 would include it if the padding leaked into the row count.
+    # fit pads 13 rows to 14 with a zero row. If the padding leaked into the row count, the
+    # shuffled batches of 13 would include that row and pull w towards 0.
     x, y = _regression_data()
     x13 = np.concatenate([x, x[:1] + 1.0])
     y13 = np.concatenate([y, y[:1] + 3.0])
