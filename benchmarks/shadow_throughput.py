@@ -6,8 +6,9 @@ Each timed call trains K classifiers of an experiment preset for a fixed number 
 on its own membership mask of one pool, and includes compilation, because every experiment
 stage pays it once per call. Strategies:
 
-- fit_loop: K calls of `training.fit`, what a loop over `classifier.train_classifier` runs;
-  each call compiles its own steps.
+- fit_loop: K calls of `training.fit` with one loss and optimizer object, what a loop over
+  `classifier.train_classifier` runs. `fit` reuses its compiled steps for data sets that pad
+  to the same row count, so the call compiles once or a few times.
 - sequential: `shadow_training.train_many(strategy="sequential")`.
 - vmap: `shadow_training.train_many(strategy="vmap")`.
 
@@ -226,7 +227,7 @@ def main(argv=None) -> None:
         "--fit-loop-max-models",
         type=int,
         default=None,
-        help="run the fit_loop baseline only up to this K (it compiles once per model)",
+        help="run the fit_loop baseline only up to this K (default: every K)",
     )
     parser.add_argument(
         "--strategies",

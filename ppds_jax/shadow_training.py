@@ -163,7 +163,7 @@ def train_many(
     split_keys = [jax.random.split(keys[k]) for k in range(num_models)]
     init_keys = [pair[0] for pair in split_keys]
     fit_keys = [pair[1] for pair in split_keys]
-    training._check_no_batch_norm_params(jax.eval_shape(params_init_fn, init_keys[0]))
+    training.check_no_batch_norm_params(jax.eval_shape(params_init_fn, init_keys[0]))
 
     batched = strategy == "vmap"
     functions = _step_functions(
@@ -586,7 +586,7 @@ class _Runner:
         loop_keys, seeds = [], []
         for fit_key in fit_keys:
             seed_key, loop_key = jax.random.split(fit_key)
-            seeds.append(training._host_seed(seed_key))
+            seeds.append(training.host_seed(seed_key))
             loop_keys.append(loop_key)
         loop_keys = place.models(place.stack(loop_keys))
 

@@ -43,7 +43,7 @@ class FitStats:
     batch_sizes: np.ndarray | None = None
 
 
-def _check_no_batch_norm_params(params: Any) -> None:
+def check_no_batch_norm_params(params: Any) -> None:
     """Reject parameter pytrees that show a BatchNorm layer or a batch_stats collection."""
     paths = jax.tree_util.tree_flatten_with_path(params)[0]
     for path, _ in paths:
@@ -68,7 +68,8 @@ def _check_data(data: tuple) -> int:
     return sizes[0]
 
 
-def _host_seed(key: jax.Array) -> int:
+def host_seed(key: jax.Array) -> int:
+    """Return a NumPy seed in [0, 2**31 - 1) drawn from `key`, for host-side batch selection."""
     return int(jax.random.randint(key, (), 0, np.iinfo(np.int32).max))
 
 
@@ -153,7 +154,7 @@ def fit(
         )
     if num_steps < 1:
         raise ValueError(f"{num_steps=} must be >= 1")
-    _check_no_batch_norm_params(params)
+    check_no_batch_norm_params(params)
     data = _pad_rows(data, padded_num_rows(dataset_size))
     if dp is None:
         if not 1 <= batch_size <= dataset_size:
@@ -294,7 +295,7 @@ def _fit_non_private(
     progress_desc,
 ):
     shuffle_key, loop_key = jax.random.split(key)
-    rng = np.random.default_rng(_host_seed(shuffle_key))
+    rng = np.random.default_rng(host_seed(shuffle_key))
     step = _cached_non_private_step(per_example_loss, optimizer, batch_size)
     opt_state = optimizer.init(params)
     batches_per_epoch = dataset_size // batch_size
@@ -318,7 +319,7 @@ def _fit_private(
     sampling_key, loop_key = jax.random.split(key)
     accumulate, step = _cached_private_steps(clip_fn, optimizer, dp)
     batches = batch_selection.poisson_batches(
-        seed=_host_seed(sampling_key),
+        seed=host_seed(sampling_key),
         dataset_size=dataset_size,
         sampling_prob=dp.sampling_prob,
         num_steps=dp.num_steps,
