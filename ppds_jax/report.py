@@ -106,11 +106,17 @@ def fidelity_table(records: Sequence[Mapping]) -> str | None:
     return "\n".join(lines)
 
 
-def ledger_lines(record: Mapping) -> list[str]:
-    """Build the Markdown lines of one private release's ledger: the epsilons and every stage."""
+def ledger_lines(record: Mapping, releases: Sequence[str] | None = None) -> list[str]:
+    """Build the Markdown lines of one private pipeline's ledger: the epsilons and every stage.
+
+    Args:
+      record: a metrics record of the pipeline, with its "ledger".
+      releases: the releases that share this ledger; by default the record's own release.
+    """
     ledger = record.get("ledger") or {}
+    releases = releases or [record["release"]]
     lines = [
-        f"- {record['pipeline']} ({record['release']}): epsilon "
+        f"- {record['pipeline']} ({', '.join(releases)}): epsilon "
         f"{_format(ledger.get('epsilon_pld'))} (PLD), {_format(ledger.get('epsilon_rdp'))} "
         f"(RDP) at delta {record['delta']:g}; ledger: `ledgers/{record['pipeline']}.json`"
     ]
@@ -181,8 +187,15 @@ def write_report(
             "touched the private data, with its DP-SGD or Gaussian-mechanism parameters.",
             "",
         ]
+        # Releases of one pipeline usually share a ledger, which is then listed once. A privacy
+        # filter adds a stage to the synthetic releases only, so their ledger is listed apart.
+        by_ledger: dict[tuple[str, str], list[Mapping]] = {}
         for record in private:
-            sections += ledger_lines(record)
+            key = (record["pipeline"], json.dumps(record.get("ledger"), sort_keys=True))
+            by_ledger.setdefault(key, []).append(record)
+        for pipeline_records in by_ledger.values():
+            releases = [record["release"] for record in pipeline_records]
+            sections += ledger_lines(pipeline_records[0], releases)
         sections.append("")
     table = fidelity_table(records)
     if table:
