@@ -540,7 +540,7 @@ def smoke() -> Grid:
     """Smoke preset: digits, a few small cells, every stage of the benchmark.
 
     Command: `python -m experiments.benchmark --preset smoke --out runs/smoke`
-    Runtime: about 5 minutes on an otherwise idle 2-core CPU (12 cells, 60 pipeline runs);
+    Runtime: 114 s measured on an otherwise idle 2-core CPU (12 cells, 60 pipeline runs);
     the report's runtime table gives the measured time per run.
     Expected result: every section of the report filled in. Non-private classifiers are well
     above the 10% chance accuracy and private ones are near it on a pool this small. Attack
@@ -599,11 +599,9 @@ def cpu() -> Grid:
     """CPU preset, the default: Fashion-MNIST on a subset of the grid.
 
     Command: `python -m experiments.benchmark --out runs/cpu`
-    Runtime: an estimate of 45 to 60 minutes on an otherwise idle 2-core CPU, for 32 cells and
-    160 pipeline runs. It comes from per-run CPU times measured on Fashion-MNIST with 2,000
-    members (real classifier 7 s, DP-SGD classifier 25 s, VAE 27 s and 40 s with DP-SGD,
-    DP-MERF 25 s), scaled to this preset's 1,500 members. The report's runtime table gives
-    the measured time per run.
+    Runtime: 36.5 minutes measured on an otherwise idle 2-core CPU, for 32 cells and 160
+    pipeline runs (docs/results/grid_cpu/report.md). The report's runtime table gives the
+    measured time per run.
     Expected result: the real-data classifier near 80% accuracy, synthetic ones lower, and
     private ones lower still at epsilon 1. Attack TPRs at 0.1% FPR are a few percent at most.
     """
