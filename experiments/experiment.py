@@ -5,6 +5,7 @@
   signals/NAME/M.npz     what an attacker observes of pipeline NAME on mask M (0 = target)
   ledgers/NAME.json      the privacy ledger of each private target release
   fidelity/NAME.json     the fidelity proxy of the target's synthetic set (generator variants)
+  timings.json           wall-clock seconds of each (variant, mask) run, kept across resumes
   metrics.json           one record per released artefact
   report.md, *.png       the results table, ROC curves and sample grids
 A finished (variant, mask) pair is never recomputed when resuming.
@@ -232,7 +233,8 @@ def run(
     )
 
     extractor = _LazyExtractor(config.seed, pool_images, pool_labels, data.num_classes)
-    timings = {}
+    timings_path = workdir / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     bar = tqdm(
         total=len(config.pipelines) * len(masks),
         desc="pipelines",
@@ -291,7 +293,8 @@ def run(
                 **signals,
             )
             seconds = time.perf_counter() - tic + (seconds_each if batched else 0.0)
-            timings.setdefault(spec.name, []).append(seconds)
+            timings.setdefault(spec.name, {})[str(mask_index)] = round(seconds, 2)
+            _write_json_atomically(timings_path, timings)
             bar.update()
     bar.close()
 
@@ -320,8 +323,11 @@ def run(
             "test_size": len(data.test_images),
             "public_dataset_size": public_size,
             "num_shadows": config.num_shadows,
-            "seconds": round(seconds, 1),
-            "seconds_per_pipeline": {k: round(float(np.median(v)), 1) for k, v in timings.items()},
+            "wall_seconds_this_invocation": round(seconds, 1),
+            "pipeline_seconds_total": round(sum(sum(t.values()) for t in timings.values()), 1),
+            "seconds_per_pipeline": {
+                name: round(float(np.median(list(t.values()))), 1) for name, t in timings.items()
+            },
         },
     )
     log.info("finished in %.0f s; report: %s", seconds, report_path)

@@ -157,6 +157,11 @@ def test_resume_reuses_finished_pipelines(finished_run):
     resumed = run(tiny_config(), workdir, resume=True, progress=False)
     assert resumed == records
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    # The resumed report still states the run times of the pipelines computed before.
+    timings = json.loads((workdir / "timings.json").read_text())
+    assert sorted(timings) == ["real", "vae"]
+    assert all(sorted(t) == ["0", "1", "2", "3", "4"] for t in timings.values())
+    assert '- seconds_per_pipeline: {"real": ' in (workdir / "report.md").read_text()
 
 
 def test_folder_with_other_files_is_rejected(tmp_path):
