@@ -94,13 +94,49 @@ def make_per_example_loss(config, num_classes):
     return loss
 
 
+def training_functions(config: dict[str, Any], num_classes: int):
+    """Return the (per-example loss, optax optimizer) of a resolved config.
+
+    The same config returns the same two objects, so `training.fit` and
+    `shadow_training.train_many` reuse their compiled steps across the many classifiers of an
+    experiment (target and shadows, real and synthetic data).
+    """
+    return _training_functions(tuple(sorted(config.items())), num_classes)
+
+
 @functools.lru_cache(maxsize=16)
 def _training_functions(frozen_config: tuple, num_classes: int):
-    # One loss and optimizer object per configuration, so that training.fit reuses its compiled
-    # steps across the many classifiers of an experiment (target, shadows, real and synthetic).
     config = dict(frozen_config)
     optimizer = optax.adamw(config["learning_rate"], weight_decay=config["weight_decay"])
     return make_per_example_loss(config, num_classes), optimizer
+
+
+def make_dp_config(config: dict[str, Any], privacy: PrivacySpec) -> dp_sgd.DpSgdConfig:
+    """Return the DP-SGD settings of a resolved config under `privacy`.
+
+    The run has `num_epochs` epochs of round(N / batch_size) steps for the public dataset size
+    N, so the step count, and with it the noise, never depends on the realised member count.
+    """
+    batch_size = int(config["batch_size"])
+    steps_per_epoch = max(1, round(privacy.dataset_size / batch_size))
+    return dp_sgd.make_dp_sgd_config(
+        target_epsilon=privacy.target_epsilon,
+        target_delta=privacy.target_delta,
+        dataset_size=privacy.dataset_size,
+        batch_size=batch_size,
+        num_steps=steps_per_epoch * int(config["num_epochs"]),
+        l2_norm_clip=privacy.l2_norm_clip,
+        accountant=privacy.accountant,
+    )
+
+
+def make_ledger(dp_config: dp_sgd.DpSgdConfig) -> accounting.PrivacyLedger:
+    """Return the one-stage ledger ("classifier_dp_sgd") of a DP-SGD classifier."""
+    ledger = accounting.PrivacyLedger()
+    ledger.add_stage(
+        "classifier_dp_sgd", dp_sgd.dp_sgd_event(dp_config), dataclasses.asdict(dp_config)
+    )
+    return ledger
 
 
 def train_classifier(
@@ -149,21 +185,10 @@ def train_classifier(
     num_epochs = int(config["num_epochs"])
     dp_config, ledger = None, None
     if privacy is not None:
-        dp_config = dp_sgd.make_dp_sgd_config(
-            target_epsilon=privacy.target_epsilon,
-            target_delta=privacy.target_delta,
-            dataset_size=privacy.dataset_size,
-            batch_size=batch_size,
-            num_steps=steps_per_epoch * num_epochs,
-            l2_norm_clip=privacy.l2_norm_clip,
-            accountant=privacy.accountant,
-        )
-        ledger = accounting.PrivacyLedger()
-        ledger.add_stage(
-            "classifier_dp_sgd", dp_sgd.dp_sgd_event(dp_config), dataclasses.asdict(dp_config)
-        )
+        dp_config = make_dp_config(config, privacy)
+        ledger = make_ledger(dp_config)
 
-    loss, optimizer = _training_functions(tuple(sorted(config.items())), num_classes)
+    loss, optimizer = training_functions(config, num_classes)
     fit = functools.partial(
         training.fit,
         per_example_loss=loss,

@@ -30,7 +30,6 @@ chunks are fully masked, and masked rows contribute exactly zero (`clipping.clip
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,7 +41,6 @@ import optax
 import tqdm
 
 from ppds_jax import (
-    accounting,
     batch_selection,
     classifier,
     clipping,
@@ -266,16 +264,7 @@ def train_classifiers(
         member_counts = masks.sum(axis=1) if masks.ndim == 2 else np.zeros(1)
         num_steps = [max(1, round(int(n) / batch_size)) * num_epochs for n in member_counts]
     else:
-        steps_per_epoch = max(1, round(privacy.dataset_size / batch_size))
-        dp_config = dp_sgd.make_dp_sgd_config(
-            target_epsilon=privacy.target_epsilon,
-            target_delta=privacy.target_delta,
-            dataset_size=privacy.dataset_size,
-            batch_size=batch_size,
-            num_steps=steps_per_epoch * num_epochs,
-            l2_norm_clip=privacy.l2_norm_clip,
-            accountant=privacy.accountant,
-        )
+        dp_config = classifier.make_dp_config(config, privacy)
         num_steps = dp_config.num_steps
 
     params, stats = train_many(
@@ -295,14 +284,7 @@ def train_classifiers(
     )
     results = []
     for k, model_stats in enumerate(stats):
-        ledger = None
-        if dp_config is not None:
-            ledger = accounting.PrivacyLedger()
-            ledger.add_stage(
-                "classifier_dp_sgd",
-                dp_sgd.dp_sgd_event(dp_config),
-                dataclasses.asdict(dp_config),
-            )
+        ledger = None if dp_config is None else classifier.make_ledger(dp_config)
         history = {"loss": [float(value) for value in model_stats.loss]}
         model_params = jax.tree.map(lambda leaf, k=k: leaf[k], params)
         results.append(
@@ -326,8 +308,7 @@ def _classifier_functions(config_items: tuple, num_classes: int, image_shape: tu
     def init(key):
         return model.init(key, sample_input)["params"]
 
-    loss = classifier.make_per_example_loss(config, num_classes)
-    optimizer = optax.adamw(config["learning_rate"], weight_decay=config["weight_decay"])
+    loss, optimizer = classifier.training_functions(config, num_classes)
     return init, loss, optimizer
 
 
