@@ -132,11 +132,7 @@ def make_dp_config(config: dict[str, Any], privacy: PrivacySpec) -> dp_sgd.DpSgd
 
 def make_ledger(dp_config: dp_sgd.DpSgdConfig) -> accounting.PrivacyLedger:
     """Return the one-stage ledger ("classifier_dp_sgd") of a DP-SGD classifier."""
-    ledger = accounting.PrivacyLedger()
-    ledger.add_stage(
-        "classifier_dp_sgd", dp_sgd.dp_sgd_event(dp_config), dataclasses.asdict(dp_config)
-    )
-    return ledger
+    return dp_sgd.make_ledger("classifier_dp_sgd", dp_config)
 
 
 def train_classifier(

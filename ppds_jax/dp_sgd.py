@@ -148,6 +148,21 @@ def make_dp_sgd_config(
     )
 
 
+def make_ledger(
+    stage_name: str, config: DpSgdConfig, **parameters: Any
+) -> accounting.PrivacyLedger:
+    """Return a ledger with one DP-SGD stage: `dp_sgd_event(config)` and the config's fields.
+
+    Args:
+      stage_name: the stage's name in the ledger, for example "vae_dp_sgd".
+      config: the run's settings.
+      **parameters: further JSON-serialisable facts of the stage, recorded beside the fields.
+    """
+    ledger = accounting.PrivacyLedger()
+    ledger.add_stage(stage_name, dp_sgd_event(config), {**dataclasses.asdict(config), **parameters})
+    return ledger
+
+
 # Every shadow pipeline of an experiment asks for the same calibration, and each PLD search
 # takes seconds, so the answers are kept for the life of the process.
 @functools.lru_cache(maxsize=256)

@@ -71,6 +71,16 @@ def test_event_is_self_composed_poisson_gaussian():
     assert dp_sgd.dp_sgd_event(_config()) == expected
 
 
+def test_ledger_has_one_stage_with_config_fields():
+    ledger = dp_sgd.make_ledger("vae_dp_sgd", _config(), noise_multiplicity=4)
+    (stage,) = ledger.stages
+    assert stage.name == "vae_dp_sgd"
+    assert stage.event == dp_sgd.dp_sgd_event(_config())
+    assert stage.parameters["noise_multiplier"] == 1.0
+    assert stage.parameters["num_steps"] == 10
+    assert stage.parameters["noise_multiplicity"] == 4
+
+
 def test_make_config_meets_target_epsilon():
     config = dp_sgd.make_dp_sgd_config(
         target_epsilon=3.0,

@@ -29,7 +29,6 @@ The family state is a dict with "params" (the U-Net's Flax "params" collection),
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import numbers
 from collections.abc import Callable, Sequence
@@ -40,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ppds_jax import accounting, dp_sgd, training
+from ppds_jax import dp_sgd, training
 from ppds_jax.generators.base import FitResult, GeneratorFamily, PrivacySpec, resolve_config
 from ppds_jax.generators.unet import UNet
 
@@ -661,11 +660,8 @@ def fit(
     else:
         dp_config = make_dp_config(privacy, config)
         num_steps = dp_config.num_steps
-        ledger = accounting.PrivacyLedger()
-        ledger.add_stage(
-            "diffusion_dp_sgd",
-            dp_sgd.dp_sgd_event(dp_config),
-            {**dataclasses.asdict(dp_config), "noise_multiplicity": config["noise_multiplicity"]},
+        ledger = dp_sgd.make_ledger(
+            "diffusion_dp_sgd", dp_config, noise_multiplicity=config["noise_multiplicity"]
         )
 
     params, stats = training.fit(

@@ -37,7 +37,6 @@ one stage, "dp_sgd", covering the discriminator's steps.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any
@@ -49,7 +48,7 @@ import numpy as np
 import optax
 import tqdm
 
-from ppds_jax import accounting, batch_selection, clipping, dp_sgd
+from ppds_jax import batch_selection, clipping, dp_sgd
 from ppds_jax.generators.base import FitResult, GeneratorFamily, PrivacySpec
 
 DEFAULT_CONFIG = {
@@ -397,9 +396,7 @@ def fit(
         dp_config=dp_config,
         progress=progress,
     )
-    ledger = accounting.PrivacyLedger()
-    ledger.add_stage("dp_sgd", dp_sgd.dp_sgd_event(dp_config), dataclasses.asdict(dp_config))
-    return _fit_result(state, params, ledger, history)
+    return _fit_result(state, params, dp_sgd.make_ledger("dp_sgd", dp_config), history)
 
 
 def discriminator_loss(

@@ -11,7 +11,6 @@ so DP-SGD clips exactly one example's contribution.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ppds_jax import accounting, dp_sgd, training
+from ppds_jax import dp_sgd, training
 from ppds_jax.generators.base import FitResult, GeneratorFamily, PrivacySpec
 
 # NOTE: with these defaults on Fashion-MNIST (5,000 members, 10 epochs) many samples do not
@@ -157,10 +156,7 @@ def fit(key, state, images, labels, *, config, privacy: PrivacySpec | None = Non
             l2_norm_clip=privacy.l2_norm_clip,
             accountant=privacy.accountant,
         )
-        ledger = accounting.PrivacyLedger()
-        ledger.add_stage(
-            "vae_dp_sgd", dp_sgd.dp_sgd_event(dp_config), dataclasses.asdict(dp_config)
-        )
+        ledger = dp_sgd.make_ledger("vae_dp_sgd", dp_config)
     params, stats = training.fit(
         key,
         state["params"],
