@@ -52,8 +52,8 @@ def sample_images(
       state: the trained generator state.
       labels: (n,) int, the class of each image to draw, n >= 1.
       config: the family's resolved options.
-      chunk_size: labels per sampler call; the last chunk is padded, so one compiled program
-        serves every call.
+      chunk_size: labels per sampler call, at most; a request for fewer labels makes one call
+        of its own size. The last chunk is padded, so one compiled program serves every call.
 
     Returns:
       images (n, H, W, C) float32, clipped to [-1, 1].
@@ -66,6 +66,8 @@ def sample_images(
         raise ValueError(f"labels must have shape (n,) with n >= 1; got {labels.shape}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    # Padding a small request up to chunk_size would sample images only to drop them.
+    chunk_size = min(chunk_size, len(labels))
     chunks = []
     for index, start in enumerate(range(0, len(labels), chunk_size)):
         chunk = labels[start : start + chunk_size]

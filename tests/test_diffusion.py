@@ -135,6 +135,18 @@ def test_sample_chunks_share_one_program(tiny_state):
     np.testing.assert_allclose(images[:4], first_chunk, atol=1e-6)
 
 
+def test_sample_splits_labels_into_equal_chunks(tiny_state):
+    # 8 labels with batches of at most 5 run as two chunks of 4, not 5 plus 3 padded to 5.
+    labels = np.arange(8) % 3
+    config = {**TINY, "sampling_batch_size": 5}
+
+    images = diffusion.sample(jax.random.key(6), tiny_state, labels, config=config)
+    first_chunk = diffusion.sample(jax.random.key(6), tiny_state, labels[:4], config=config)
+
+    assert images.shape == (8, 8, 8, 1)
+    np.testing.assert_allclose(images[:4], first_chunk, atol=1e-6)
+
+
 def _tanh_eps(num_timesteps):
     """An arbitrary nonlinear noise predictor, for comparing sampler algebra."""
     return lambda x, t: jnp.tanh(2.0 * x + t / num_timesteps)

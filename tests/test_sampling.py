@@ -1,5 +1,7 @@
 """Tests of synthetic-set sampling: label counts, oversampling and the chunked sampler."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -66,6 +68,20 @@ class TestSampleImages:
         assert images.shape == (5, 2, 2, 1)
         assert images.dtype == np.float32
         np.testing.assert_allclose(images[:, 0, 0, 0], labels - 1.0, atol=0.1)
+
+    def test_small_request_is_not_padded_to_chunk_size(self):
+        calls = []
+
+        def recording_sample(key, state, labels, *, config):
+            calls.append(len(labels))
+            return _label_image_sample(key, state, labels, config=config)
+
+        family = dataclasses.replace(FAKE_FAMILY, sample=recording_sample)
+        images = sampling.sample_images(
+            jax.random.key(0), family, None, np.arange(3), config={}, chunk_size=1024
+        )
+        assert images.shape == (3, 2, 2, 1)
+        assert calls == [3]
 
     def test_images_are_clipped_to_unit_range(self):
         images = sampling.sample_images(

@@ -745,9 +745,10 @@ def sample(
     """Draw one image per label with the configured sampler and guidance scale.
 
     `sampler` "ddim" runs `num_sampling_steps` DDIM steps with `eta`; "ddpm" runs all
-    `num_timesteps` ancestral steps. Labels are processed `sampling_batch_size` at a time, each
-    chunk with key `fold_in(key, chunk_index)`; the last chunk is padded so that one compiled
-    program serves every chunk. The same key, labels and chunk size give the same images.
+    `num_timesteps` ancestral steps. Labels are processed in the fewest equal chunks of at most
+    `sampling_batch_size`, each chunk with key `fold_in(key, chunk_index)`; the last chunk is
+    padded so that one compiled program serves every chunk. The same key, labels and
+    `sampling_batch_size` give the same images.
 
     Args:
       key: PRNG key.
@@ -767,7 +768,10 @@ def sample(
     if labels.size == 0:
         return np.zeros((0, *image_shape), np.float32)
     run = make_sampler(config, image_shape=image_shape, num_classes=state["num_classes"])
-    chunk_size = min(config["sampling_batch_size"], labels.size)
+    # Equal chunks of at most sampling_batch_size: 1,024 labels run as two chunks of 512, not
+    # as 1,000 plus 24 padded to 1,000, which would sample nearly twice the images asked for.
+    num_chunks = -(-labels.size // config["sampling_batch_size"])
+    chunk_size = -(-labels.size // num_chunks)
     chunks = []
     for chunk_index, start in enumerate(range(0, labels.size, chunk_size)):
         chunk_labels = labels[start : start + chunk_size]
