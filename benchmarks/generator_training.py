@@ -2,9 +2,9 @@
 
 Command: `python -m benchmarks.generator_training [--quick] [--families a,b] [--repeats R]`
 
-Each family trains with its default options, which are the ones the CPU experiment preset
-uses apart from the number of epochs, on a stratified subset of the Fashion-MNIST training
-split (5,000 images, the expected member count of the default experiment). Seconds per epoch
+Each family trains on a stratified subset of the Fashion-MNIST training split: 5,000 images,
+the expected member count of the default experiment. It uses its default options, which the
+CPU experiment preset also uses apart from the number of epochs. Seconds per epoch
 come from the difference of a 2-epoch and a 1-epoch fit, timed after an untimed fit of each
 length. Noise calibrations are then cached, and compilation costs both timed fits the same
 (nothing for families whose steps are cached, a full compile for the others), so the difference
@@ -64,7 +64,7 @@ def _fit_seconds(family, images, labels, num_classes, num_epochs: int, private: 
 
 
 def measure(families, images, labels, num_classes, repeats: int) -> list[dict]:
-    """Time every (family, private) variant `repeats` times, round-robin; return one row each."""
+    """Time every (family, private) variant `repeats` times, round-robin, and return a row each."""
     variants = [(name, private) for name in families for private in (False, True)]
     cold, differences = {}, {variant: [] for variant in variants}
     for repeat in range(repeats):
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     families = [name.strip() for name in args.families.split(",") if name.strip()]
     for name in families:
-        generators.get_family(name)  # an unknown name raises with the list of known ones
+        generators.get_family(name)  # raises ValueError with the known names for an unknown one
     if args.repeats < 1:
         parser.error(f"--repeats={args.repeats} must be >= 1")
 

@@ -343,7 +343,7 @@ class _LazyExtractor:
     """The fidelity proxy's feature extractor, trained on the pool at first use.
 
     The pool is real training data, never the test split (see `ppds_jax.fidelity`). The
-    extractor only measures samples; nothing is selected by it, and it is never released.
+    extractor only measures samples. Nothing is selected by it, and it is never released.
     """
 
     def __init__(self, seed, images, labels, num_classes):

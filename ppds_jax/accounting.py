@@ -83,7 +83,7 @@ def compute_epsilon(
         support.
     """
     _check_delta_range(target_delta)
-    # A PLD composition takes seconds, and an experiment asks for the same event many times
+    # A PLD composition takes seconds, and an experiment computes the same event many times
     # (every shadow pipeline, every ledger summary). The text form of an event names its type
     # and every parameter, so it identifies the mechanism.
     cache_key = (repr(event), float(target_delta), accountant)

@@ -163,8 +163,8 @@ def make_ledger(
     return ledger
 
 
-# Every shadow pipeline of an experiment asks for the same calibration, and each PLD search
-# takes seconds, so the answers are kept for the life of the process.
+# Every shadow pipeline of an experiment needs the same calibration, and each PLD search takes
+# seconds, so the results are kept for the life of the process.
 @functools.lru_cache(maxsize=256)
 def _calibrated_noise_multiplier(
     sampling_prob: float, num_steps: int, target_epsilon: float, target_delta: float, accountant
