@@ -19,9 +19,12 @@ trains on it, and the released generator's white-box score.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
+import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import dp_accounting
@@ -216,6 +219,7 @@ def run_pipeline(
     target_delta: float,
     l2_norm_clip: float = 1.0,
     progress: bool = False,
+    cache: StageCache | None = None,
 ) -> PipelineOutput:
     """Run one pipeline variant on the member set (images, labels).
 
@@ -230,6 +234,8 @@ def run_pipeline(
       target_delta: delta of every private release.
       l2_norm_clip: per-example clip norm of DP-SGD stages.
       progress: show tqdm bars for each training loop.
+      cache: trained generators and synthetic sets of earlier calls to reuse when this call
+        would compute them again (see `StageCache`), or None to compute every stage.
 
     Returns:
       PipelineOutput.
@@ -260,27 +266,49 @@ def run_pipeline(
 
     family = generators.get_family(spec.generator)
     generator_config = generators.resolve_config(family, spec.generator_config)
-    init_key, fit_key = jax.random.split(generator_key)
-    state = family.init(
-        init_key, image_shape=images.shape[1:], num_classes=num_classes, config=generator_config
-    )
-    fitted = family.fit(
-        fit_key, state, images, labels, config=generator_config, privacy=privacy, progress=progress
-    )
-    num_samples = max(1, round(spec.synthetic_multiplier * public_dataset_size))
-    filter_summary = None
-    if not spec.filters_enabled:
-        synthetic_images, synthetic_labels = sampling.sample_synthetic_set(
-            sample_key,
-            family,
-            fitted.state,
-            config=generator_config,
-            num_samples=num_samples,
-            num_classes=num_classes,
-            class_weights=spec.class_weights,
+
+    def train_generator():
+        init_key, fit_key = jax.random.split(generator_key)
+        state = family.init(
+            init_key, image_shape=images.shape[1:], num_classes=num_classes, config=generator_config
         )
-    else:
-        synthetic_images, synthetic_labels, filter_summary = _sample_filtered(
+        return family.fit(
+            fit_key,
+            state,
+            images,
+            labels,
+            config=generator_config,
+            privacy=privacy,
+            progress=progress,
+        )
+
+    generation_digest = _digest(
+        generator_key,
+        images,
+        labels,
+        {
+            "generator": spec.generator,
+            "generator_config": generator_config,
+            "privacy": None if privacy is None else dataclasses.asdict(privacy),
+            "num_classes": num_classes,
+        },
+    )
+    fitted = _cached(cache, "generator", generation_digest, train_generator)
+    num_samples = max(1, round(spec.synthetic_multiplier * public_dataset_size))
+
+    def draw_synthetic_set():
+        if not spec.filters_enabled:
+            drawn = sampling.sample_synthetic_set(
+                sample_key,
+                family,
+                fitted.state,
+                config=generator_config,
+                num_samples=num_samples,
+                num_classes=num_classes,
+                class_weights=spec.class_weights,
+            )
+            return (*drawn, None)
+        return _sample_filtered(
             sample_key,
             filter_key,
             family,
@@ -291,6 +319,27 @@ def run_pipeline(
             num_samples=num_samples,
             num_classes=num_classes,
         )
+
+    synthetic_digest = _digest(
+        sample_key,
+        {
+            "generation": generation_digest,
+            "num_samples": num_samples,
+            "class_weights": spec.class_weights,
+            "quality_filter": spec.quality_filter,
+            "privacy_filter_threshold": spec.privacy_filter_threshold,
+            "filter_oversample": spec.filter_oversample if spec.filters_enabled else None,
+            # The quality filter trains its judge with the released classifier's options.
+            "classifier_config": (
+                classifier.resolve_config(dict(spec.classifier_config))
+                if spec.quality_filter
+                else None
+            ),
+        },
+    )
+    synthetic_images, synthetic_labels, filter_summary = _cached(
+        cache, "synthetic_set", synthetic_digest, draw_synthetic_set
+    )
     # The classifier reads only the synthetic set, so it is post-processing of the generator
     # and adds nothing to the ledger. Early stopping selects on held-out synthetic samples.
     result = _train_released_classifier(
@@ -314,6 +363,78 @@ def run_pipeline(
         synthetic_ledger=_synthetic_ledger(fitted.ledger, spec),
         filter_summary=filter_summary,
     )
+
+
+class StageCache:
+    """Trained generators and synthetic sets of earlier pipeline runs, for later runs to reuse.
+
+    Runs that differ only in a classifier-stage option (a benchmark grid's weight decay, label
+    smoothing or early stopping cells) train the same generator on the same members with the
+    same key, and draw the same synthetic set. `run_pipeline` looks each stage up by a SHA-256
+    digest of its PRNG key, its input arrays and every option the stage reads, so a hit returns
+    what the stage would compute again, and a run with any other input computes afresh.
+
+    Entries live in memory; each stage keeps its `max_entries` most recently used ones. Cached
+    synthetic arrays are made read-only, because every run that hits shares them.
+
+    Attributes:
+      hits, misses: stage name -> count of lookups that were reused or computed.
+    """
+
+    def __init__(self, max_entries: int = 32):
+        if max_entries < 1:
+            raise ValueError(f"max_entries={max_entries} must be >= 1")
+        self.max_entries = max_entries
+        self._entries: dict[str, collections.OrderedDict[str, Any]] = {}
+        self.hits: collections.Counter[str] = collections.Counter()
+        self.misses: collections.Counter[str] = collections.Counter()
+
+    def get_or_compute(self, stage: str, digest: str, compute: Callable[[], Any]) -> Any:
+        """Return the entry of `stage` under `digest`, computing and storing it when absent."""
+        entries = self._entries.setdefault(stage, collections.OrderedDict())
+        if digest in entries:
+            entries.move_to_end(digest)
+            self.hits[stage] += 1
+            return entries[digest]
+        self.misses[stage] += 1
+        value = jax.tree_util.tree_map(_read_only, compute())
+        entries[digest] = value
+        if len(entries) > self.max_entries:
+            entries.popitem(last=False)
+        return value
+
+
+def _read_only(leaf):
+    if isinstance(leaf, np.ndarray):
+        leaf.setflags(write=False)
+    return leaf
+
+
+def _cached(cache: StageCache | None, stage: str, digest: str, compute: Callable[[], Any]):
+    return compute() if cache is None else cache.get_or_compute(stage, digest, compute)
+
+
+def _digest(key, *parts) -> str:
+    """SHA-256 over a PRNG key's data, the bytes, dtype and shape of arrays, and JSON options."""
+    hasher = hashlib.sha256(np.asarray(jax.random.key_data(key)).tobytes())
+    for part in parts:
+        if isinstance(part, np.ndarray | jax.Array):
+            array = np.ascontiguousarray(part)
+            hasher.update(f"{array.dtype}{array.shape}".encode())
+            hasher.update(array.tobytes())
+        else:
+            hasher.update(json.dumps(part, sort_keys=True, default=_json_default).encode())
+    return hasher.hexdigest()
+
+
+def _json_default(value):
+    if isinstance(value, tuple | set | frozenset):
+        return list(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} cannot be part of a stage digest: {value!r}")
 
 
 def _sample_filtered(
@@ -417,6 +538,7 @@ def collect_signals(
     *,
     feature_extractor: features.FeatureExtractor | None = None,
     attacker_classifier_config: Mapping[str, Any] | None = ATTACKER_CLASSIFIER_CONFIG,
+    releases: tuple[str, ...] | None = None,
 ) -> dict[str, np.ndarray]:
     """Record what an attacker observes of each release, for every pool example.
 
@@ -431,6 +553,9 @@ def collect_signals(
         `features.random_extractor` with seed 0.
       attacker_classifier_config: recipe of the classifier that the attacker trains on the
         synthetic set for `synthetic_lira`, or None to skip that signal.
+      releases: the releases that will be attacked, or None for all of the variant's. Without
+        "synthetic_data" and "generator" the synthetic set's signals are skipped, and without
+        "generator" the white-box score is.
 
     Returns:
       dict with "logits" (N, num_classes) and "population_logits" (P, num_classes) of the
@@ -438,10 +563,29 @@ def collect_signals(
       "synthetic_set_size" (a scalar, smaller than requested only when the privacy filter
       left too few candidates), "privacy_filter_removed" (a scalar, with the privacy filter)
       and, when the family has one, "generator_score" (N,), its white-box score.
+
+    Raises:
+      ValueError: `releases` names a release that the variant does not produce.
     """
     white_box_key, attacker_key = jax.random.split(key)
+    releases = output.spec.releases if releases is None else tuple(releases)
+    unknown = sorted(set(releases) - set(output.spec.releases))
+    if unknown:
+        raise ValueError(
+            f"releases {unknown} are not releases of pipeline {output.spec.name!r}, whose"
+            f" releases are {list(output.spec.releases)}"
+        )
     signals = classifier_signals(output.classifier, pool_images, population_images)
     if output.synthetic_images is None:
+        return signals
+    signals["synthetic_set_size"] = np.float32(len(output.synthetic_labels))
+    if output.filter_summary is not None and "privacy_filter_removed" in output.filter_summary:
+        signals["privacy_filter_removed"] = np.float32(
+            output.filter_summary["privacy_filter_removed"]
+        )
+    # The attacker who holds the generator can sample from it, so the generator release is
+    # attacked with the synthetic set's signals too (see `ppds_jax.evaluation`).
+    if not {"synthetic_data", "generator"} & set(releases):
         return signals
     signals.update(
         synthetic_set_signals(
@@ -455,13 +599,8 @@ def collect_signals(
             attacker_classifier_config=attacker_classifier_config,
         )
     )
-    signals["synthetic_set_size"] = np.float32(len(output.synthetic_labels))
-    if output.filter_summary is not None and "privacy_filter_removed" in output.filter_summary:
-        signals["privacy_filter_removed"] = np.float32(
-            output.filter_summary["privacy_filter_removed"]
-        )
     family = generators.get_family(output.spec.generator)
-    if family.member_scores is not None:
+    if "generator" in releases and family.member_scores is not None:
         signals["generator_score"] = np.asarray(
             family.member_scores(
                 white_box_key,

@@ -4,6 +4,8 @@ A fake generator family and a recording stand-in for `classifier.train_classifie
 tests free of training; tests/test_mitigations.py runs the same paths with real components.
 """
 
+import dataclasses
+
 import dp_accounting
 import jax
 import numpy as np
@@ -217,3 +219,147 @@ def test_collapsed_synthetic_set_gets_nan_density_ratio():
     assert np.isfinite(signals["synthetic_distance"]).all()
     assert np.isfinite(signals["synthetic_feature_distance"]).all()
     assert signals["synthetic_distance"][0] == 0
+
+
+@pytest.fixture
+def counted(trained_on, monkeypatch):
+    """Count the fake family's fit and sample calls; return the counter."""
+    calls = {"fit": 0, "sample": 0}
+
+    def fit(*args, **kwargs):
+        calls["fit"] += 1
+        return _fake_fit(*args, **kwargs)
+
+    def sample(*args, **kwargs):
+        calls["sample"] += 1
+        return _fake_sample(*args, **kwargs)
+
+    family = dataclasses.replace(FAKE_FAMILY, fit=fit, sample=sample)
+    monkeypatch.setattr(generators, "get_family", lambda name: family)
+    return calls
+
+
+def _cached_run(spec, images, labels, cache, key=0):
+    return run_pipeline(
+        jax.random.key(key),
+        images,
+        labels,
+        spec=spec,
+        num_classes=NUM_CLASSES,
+        public_dataset_size=40,
+        target_delta=1e-5,
+        cache=cache,
+    )
+
+
+class TestStageCache:
+    def test_classifier_option_reuses_generator_and_set(self, counted):
+        images, labels = _members()
+        cache = pipeline.StageCache()
+        plain = PipelineSpec(name="plain", generator="fake")
+        decayed = PipelineSpec(
+            name="decayed", generator="fake", classifier_config={"weight_decay": 0.1}
+        )
+        first = _cached_run(plain, images, labels, cache)
+        second = _cached_run(decayed, images, labels, cache)
+        assert counted == {"fit": 1, "sample": 1}
+        assert cache.hits == {"generator": 1, "synthetic_set": 1}
+        # What the cache hands over equals what an uncached run computes.
+        fresh = _cached_run(decayed, images, labels, None)
+        np.testing.assert_array_equal(second.synthetic_images, fresh.synthetic_images)
+        np.testing.assert_array_equal(second.synthetic_labels, fresh.synthetic_labels)
+        assert second.synthetic_images is first.synthetic_images
+        assert not second.synthetic_images.flags.writeable
+
+    def test_sampling_option_reuses_only_the_generator(self, counted):
+        images, labels = _members()
+        cache = pipeline.StageCache()
+        _cached_run(PipelineSpec(name="1x", generator="fake"), images, labels, cache)
+        half = _cached_run(
+            PipelineSpec(name="half", generator="fake", synthetic_multiplier=0.5),
+            images,
+            labels,
+            cache,
+        )
+        assert counted == {"fit": 1, "sample": 2}
+        assert len(half.synthetic_labels) == 20
+
+    @pytest.mark.parametrize("change", ["members", "key", "epsilon"])
+    def test_other_inputs_compute_again(self, counted, change):
+        images, labels = _members()
+        cache = pipeline.StageCache()
+        spec = PipelineSpec(name="v", generator="fake")
+        _cached_run(spec, images, labels, cache)
+        key = 0
+        if change == "members":
+            images = images.copy()
+            images[3, 0, 0, 0] += 0.5
+        elif change == "key":
+            key = 1
+        else:
+            spec = PipelineSpec(name="v", generator="fake", epsilon=1.0)
+        _cached_run(spec, images, labels, cache, key=key)
+        assert counted == {"fit": 2, "sample": 2}
+        assert not cache.hits
+
+    def test_least_recently_used_entry_is_dropped(self, counted):
+        images, labels = _members()
+        other_images, other_labels = _members(seed=1)
+        cache = pipeline.StageCache(max_entries=1)
+        spec = PipelineSpec(name="v", generator="fake")
+        _cached_run(spec, images, labels, cache)
+        _cached_run(spec, other_images, other_labels, cache)
+        _cached_run(spec, images, labels, cache)
+        assert counted["fit"] == 3
+
+    def test_max_entries_below_one_raises(self):
+        with pytest.raises(ValueError, match="max_entries=0"):
+            pipeline.StageCache(max_entries=0)
+
+
+class TestCollectSignalsReleases:
+    @pytest.fixture
+    def output(self, trained_on, monkeypatch):
+        def scores(key, state, images, labels, *, config):
+            return np.zeros(len(labels), np.float32)
+
+        family = dataclasses.replace(FAKE_FAMILY, member_scores=scores)
+        monkeypatch.setattr(generators, "get_family", lambda name: family)
+        monkeypatch.setattr(
+            pipeline,
+            "classifier_signals",
+            lambda result, pool, population: {
+                "logits": np.zeros((len(pool), NUM_CLASSES), np.float32),
+                "population_logits": np.zeros((len(population), NUM_CLASSES), np.float32),
+            },
+        )
+        images, labels = _members()
+        return _run(PipelineSpec(name="v", generator="fake"), images, labels)
+
+    def _signals(self, output, releases):
+        images, labels = _members(seed=2)
+        return pipeline.collect_signals(
+            jax.random.key(0),
+            output,
+            images,
+            labels,
+            images[:20],
+            attacker_classifier_config=None,
+            releases=releases,
+        )
+
+    def test_classifier_release_skips_synthetic_set_signals(self, output):
+        signals = self._signals(output, ("synthetic_classifier",))
+        assert set(signals) == {"logits", "population_logits", "synthetic_set_size"}
+
+    def test_synthetic_data_release_skips_white_box_score(self, output):
+        signals = self._signals(output, ("synthetic_data",))
+        assert {"synthetic_distance", "synthetic_feature_distance", "density_ratio"} <= set(signals)
+        assert "generator_score" not in signals
+
+    def test_all_releases_by_default(self, output):
+        assert "generator_score" in self._signals(output, None)
+
+    def test_release_of_another_variant_raises(self, output):
+        with pytest.raises(ValueError, match="not releases of pipeline 'v'"):
+            self._signals(output, ("real_classifier",))
