@@ -232,7 +232,7 @@ def run(
         public_size,
     )
 
-    extractor = _LazyExtractor(config.seed, pool_images, pool_labels, data.num_classes)
+    extractor = FidelityExtractor(config.seed, pool_images, pool_labels, data.num_classes)
     timings_path = workdir / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     bar = tqdm(
@@ -339,7 +339,7 @@ def run(
 FIDELITY_REFERENCE_SIZE = 5000
 
 
-class _LazyExtractor:
+class FidelityExtractor:
     """The fidelity proxy's feature extractor, trained on the pool at first use.
 
     The pool is real training data, never the test split (see `ppds_jax.fidelity`). The

@@ -64,7 +64,8 @@ class CellResult:
     Attributes:
       metrics: the cell's metrics document: its axes ("name", "dataset", "seed", "generator",
         "epsilon" (None when non-private), "sampling", "mitigation"), "records" (one
-        `evaluation.release_record` per release), "run_seconds" (one per mask).
+        `evaluation.release_record` per release), "run_seconds" (one per mask) and, for a
+        generator cell, "fidelity" (`fidelity.fidelity_proxy` of the target's synthetic set).
       roc: release -> (fpr, tpr) of the strongest attack on the release.
       figures: figure name ("samples", "roc_RELEASE") -> path relative to the report's folder.
     """
@@ -650,6 +651,7 @@ def write_report(
     blocks += _balance_blocks(out, settings, datasets)
     blocks += _mitigation_blocks(out, settings, datasets)
     blocks += _ranking_blocks(out, settings, datasets)
+    blocks += _fidelity_blocks(cells)
     blocks += _sample_blocks(cells, settings)
     blocks += _roc_blocks(out, cells, settings)
     blocks += _runtime_blocks(cells)
@@ -957,6 +959,79 @@ def _setting_of(settings, result: CellResult, release: str) -> Setting | None:
     return None
 
 
+def _fidelity_blocks(cells) -> list:
+    # Cells with a classifier-only mitigation share the synthetic set of their "none" cell
+    # and evaluate no "synthetic_data" release, so each distinct set is listed once.
+    groups: dict[tuple, list[tuple[float, ...]]] = {}
+    for result in cells:
+        m = result.metrics
+        records = {r["release"]: r for r in m["records"]}
+        scores = m.get("fidelity")
+        if not scores or "synthetic_data" not in records:
+            continue
+        key = (
+            m["dataset"],
+            m["generator"],
+            math.inf if m["epsilon"] is None else float(m["epsilon"]),
+            m["sampling"] or DEFAULT_SAMPLING,
+            m["mitigation"],
+        )
+        groups.setdefault(key, []).append(
+            (
+                float(records["synthetic_data"]["test_accuracy"]),
+                scores["frechet_distance_proxy"],
+                scores["precision"],
+                scores["recall"],
+            )
+        )
+    if not groups:
+        return []
+    rows = []
+    for (dataset, generator, epsilon, sampling, mitigation), values in sorted(groups.items()):
+        columns = [mean_std([v[i] for v in values]) for i in range(4)]
+        rows.append(
+            (
+                dataset,
+                generator,
+                _epsilon(epsilon),
+                sampling,
+                mitigation,
+                str(len(values)),
+                format_mean_std(columns[0]),
+                format_mean_std(columns[1], 2),
+                format_mean_std(columns[2]),
+                format_mean_std(columns[3]),
+            )
+        )
+    return [
+        Heading(2, "Fidelity of the synthetic sets (proxy, not FID)"),
+        Paragraph(
+            "FID needs Inception weights, which this benchmark cannot download. The proxy is"
+            " the squared Frechet distance between the target's synthetic set and real test"
+            " images in the feature space of a classifier trained on the seed's pool of real"
+            " training images (never the test split), with k-nearest-neighbour precision and"
+            " recall (k = 5) in the same space. Its values are comparable within a dataset"
+            " and seed, not with published FIDs. Lower distance and higher precision and recall"
+            " are better."
+        ),
+        Table(
+            (
+                "dataset",
+                "generator",
+                "epsilon",
+                "sampling",
+                "mitigation",
+                "seeds",
+                "synthetic-classifier accuracy",
+                "Frechet distance (proxy)",
+                "precision",
+                "recall",
+            ),
+            tuple(rows),
+        ),
+    ]
+
+
 def _sample_blocks(cells, settings) -> list:
     blocks = [Heading(2, "Synthetic samples per generator")]
     images = []
@@ -1005,45 +1080,61 @@ def _roc_blocks(out, cells, settings) -> list:
 def _runtime_blocks(cells) -> list:
     if not cells:
         return []
-    groups: dict[tuple, list[tuple[float, float]]] = {}
+    # (wall, cpu, reused a stage) per run, per (dataset, generator, epsilon).
+    groups: dict[tuple, list[tuple[float, float, bool]]] = {}
     for result in cells:
         m = result.metrics
         epsilon = "inf" if m["epsilon"] is None else f"{m['epsilon']:g}"
         wall = m.get("run_seconds", [])
-        times = zip(wall, m.get("run_cpu_seconds") or [math.nan] * len(wall), strict=True)
-        groups.setdefault((m["dataset"], m["generator"] or REAL, epsilon), []).extend(times)
-    wall = sum(s for times in groups.values() for s, _ in times)
-    cpu = sum(c for times in groups.values() for _, c in times)
-    rows = tuple(
-        (
-            dataset,
-            generator,
-            epsilon,
-            str(len(times)),
-            f"{np.median([s for s, _ in times]):.1f}",
-            f"{np.median([c for _, c in times]):.1f}",
+        cpu = m.get("run_cpu_seconds") or [math.nan] * len(wall)
+        reused = m.get("run_reused_stages") or [[]] * len(wall)
+        runs = [(w, c, bool(r)) for w, c, r in zip(wall, cpu, reused, strict=True)]
+        groups.setdefault((m["dataset"], m["generator"] or REAL, epsilon), []).extend(runs)
+    wall = sum(w for runs in groups.values() for w, _, _ in runs)
+    cpu = sum(c for runs in groups.values() for _, c, _ in runs)
+
+    def median(values) -> str:
+        return f"{np.median(values):.1f}" if values else "-"
+
+    rows = []
+    for (dataset, generator, epsilon), runs in sorted(groups.items()):
+        whole = [(w, c) for w, c, reused in runs if not reused]
+        reusing = [w for w, _, reused in runs if reused]
+        rows.append(
+            (
+                dataset,
+                generator,
+                epsilon,
+                str(len(whole)),
+                median([w for w, _ in whole]),
+                median([c for _, c in whole]),
+                str(len(reusing)),
+                median(reusing),
+            )
         )
-        for (dataset, generator, epsilon), times in sorted(groups.items())
-        if times
-    )
     return [
         Heading(2, "Runtime"),
         Paragraph(
             f"Pipeline runs took {wall / 60:.1f} minutes of wall time and {cpu / 60:.1f} minutes"
             " of CPU time (all threads of the process) in all. Each run trains its models,"
             " samples, and records the attack signals; the first run of each kind in a process"
-            " also compiles its programs."
+            " also compiles its programs. A run whose trained generator or synthetic set"
+            " equals that of an earlier run of the same process (same members, key and"
+            " options; cells that differ only in a classifier-stage option) reuses it, so its"
+            " time excludes that stage; such runs are counted apart."
         ),
         Table(
             (
                 "dataset",
                 "generator",
                 "epsilon",
-                "runs",
+                "runs computing every stage",
                 "median wall seconds per run",
                 "median CPU seconds per run",
+                "runs reusing a stage",
+                "median wall seconds per reusing run",
             ),
-            rows,
+            tuple(rows),
         ),
     ]
 

@@ -75,10 +75,20 @@ def _results(cells=CELLS):
                 "run_seconds": [1.0, 2.0, 3.0],
                 "run_cpu_seconds": [0.5, 1.0, 1.5],
             }
+            if generator != "real":
+                metrics["fidelity"] = _fidelity(accuracy)
+            if mitigation == "weight_decay" and generator != "real":
+                # A classifier-only mitigation reuses the generator and the synthetic set.
+                metrics["run_seconds"] = [0.25, 0.5, 0.75]
+                metrics["run_reused_stages"] = [["generator", "synthetic_set"]] * 3
             fpr = np.array([0.0, 0.001, 0.5, 1.0])
             roc = {r: (fpr, np.array([0.0, tpr, 0.6, 1.0])) for r in releases}
             results.append(answers.CellResult(metrics=metrics, roc=roc))
     return results
+
+
+def _fidelity(accuracy):
+    return {"frechet_distance_proxy": 100 * (1 - accuracy), "precision": accuracy, "recall": 0.5}
 
 
 GRID = {
@@ -163,6 +173,52 @@ class TestSections:
         for title in ("Set-up", "ROC curves per release", "Runtime"):
             _section(text, title)
         assert "digits-gan-x" in _section(text, "Set-up")
+
+    def test_fidelity_table_lists_each_distinct_set(self, report):
+        _, text = report
+        section = _section(text, "Fidelity of the synthetic sets (proxy, not FID)")
+        assert "never the test split" in section
+        rows = _table(section)
+        # The weight decay cell shares its synthetic set with the unmitigated one.
+        expected = {
+            key for key in CELLS if key[0] != "real" and "synthetic_data" in _releases(*key)
+        }
+        found = {
+            (row["generator"], _epsilon_key(row["epsilon"]), row["sampling"], row["mitigation"])
+            for row in rows
+        }
+        assert found == expected
+        for row in rows:
+            key = (
+                row["generator"],
+                _epsilon_key(row["epsilon"]),
+                row["sampling"],
+                row["mitigation"],
+            )
+            accuracies = np.array(CELLS[key][0])
+            distances = 100 * (1 - accuracies)
+            assert row["seeds"] == "3"
+            assert _mean_std(row["Frechet distance (proxy)"]) == pytest.approx(
+                (distances.mean(), distances.std(ddof=1)), abs=5e-3
+            )
+            assert _mean_std(row["synthetic-classifier accuracy"])[0] == pytest.approx(
+                accuracies.mean(), abs=5e-4
+            )
+
+    def test_runtime_counts_reusing_runs_apart(self, report):
+        _, text = report
+        rows = {
+            (row["generator"], row["epsilon"]): row for row in _table(_section(text, "Runtime"))
+        }
+        vae = rows[("vae", "inf")]
+        # vae at inf: balanced/none and balanced_4x/none compute every stage (2 cells x 3 seeds
+        # x 3 runs); the weight decay cell's 9 runs reuse them.
+        assert vae["runs computing every stage"] == "18"
+        assert vae["median wall seconds per run"] == "2.0"
+        assert vae["runs reusing a stage"] == "9"
+        assert vae["median wall seconds per reusing run"] == "0.5"
+        assert rows[("real", "inf")]["runs reusing a stage"] == "0"
+        assert rows[("real", "inf")]["median wall seconds per reusing run"] == "-"
 
     def test_html_holds_the_same_content(self, report):
         out, text = report

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from experiments import benchmark, grid
@@ -100,7 +101,7 @@ class TestGrid:
         assert {c.epsilon for c in cells} == {10.0, math.inf}
 
     def test_presets_are_subsets_of_their_full_grid(self):
-        for preset in (grid.smoke, grid.cpu):
+        for preset in (grid.smoke, grid.cpu, grid.mitigations):
             chosen = preset()
             full = {cell.name: cell for cell in chosen.full_grid().cells()}
             for cell in chosen.cells():
@@ -114,6 +115,35 @@ class TestGrid:
         assert {r for c in cells for r in c.releases} == set(grid.RELEASES)
         assert {c.epsilon for c in cells} == {1.0, 10.0, math.inf}
         assert len({c.seed for c in cells}) >= 2
+
+    def test_mitigations_preset_covers_every_strategy_for_three_families(self):
+        cells = grid.mitigations().cells()
+        for family in ("vae", "gan", "diffusion"):
+            for epsilon in (1.0, 10.0, math.inf):
+                mine = [c for c in cells if c.generator == family and c.epsilon == epsilon]
+                assert {c.sampling for c in mine} == set(grid.SAMPLINGS)
+                assert {c.mitigation for c in mine} == set(grid.MITIGATIONS)
+                assert {r for c in mine for r in c.releases} == set(grid.GENERATOR_RELEASES)
+        real = [c for c in cells if c.generator is None]
+        assert {r for c in real for r in c.releases} == set(grid.REAL_RELEASES)
+        assert {c.mitigation for c in real} == {
+            "none",
+            "weight_decay",
+            "label_smoothing",
+            "early_stopping",
+        }
+
+    def test_cells_reusing_a_synthetic_set_precede_those_that_change_it(self):
+        # `StageCache` keeps one entry per mask, so every cell that reuses the balanced set
+        # must run before the privacy filter's cell draws sets of its own.
+        names = [c.name for c in grid.mitigations().cells() if c.generator == "vae"]
+        position = {name.split("-", 3)[3]: index for index, name in enumerate(names[:5])}
+        assert (
+            max(
+                position[f"balanced-{m}-seed0"] for m in ("none", "weight_decay", "label_smoothing")
+            )
+            < position["balanced-privacy_filter-seed0"]
+        )
 
     def test_paper_preset_is_the_full_grid(self):
         paper = grid.paper()
@@ -332,6 +362,47 @@ class TestRunner:
         assert summary.computed_runs == []
         report = summary.report.read_text()
         assert f"Cells not finished: {VAE_CELL}." in report
+
+    def test_classifier_mitigation_reuses_generator_and_set(self, tiny, tmp_path):
+        block = grid.Block(
+            question="reuse",
+            datasets=("digits",),
+            generators=("vae",),
+            epsilons=(math.inf,),
+            releases=grid.GENERATOR_RELEASES,
+            mitigations=("none", "weight_decay"),
+            seeds=(0,),
+        )
+        reuse = grid.Grid(
+            name="reuse", description="reuse test grid", settings=tiny.settings, blocks=(block,)
+        )
+        out = tmp_path / "out"
+        benchmark.run(reuse, out, progress=False)
+        decayed = "digits-vae-epsinf-balanced-weight_decay-seed0"
+        cells = out / benchmark.CELLS_FOLDER
+        for mask in range(5):
+            plain_run, decayed_run = (
+                cells / name / "runs" / str(mask) for name in (VAE_CELL, decayed)
+            )
+            assert checkpoint.read_manifest(plain_run)["metadata"]["reused_stages"] == []
+            assert checkpoint.read_manifest(decayed_run)["metadata"]["reused_stages"] == [
+                "generator",
+                "synthetic_set",
+            ]
+            # Only the released classifier's signals: the cell evaluates only that release.
+            signals = checkpoint.load_arrays(decayed_run, "signals")
+            assert "synthetic_distance" not in signals
+            assert "synthetic_distance" in checkpoint.load_arrays(plain_run, "signals")
+        plain_set = checkpoint.load_arrays(cells / VAE_CELL / "runs" / "0", "synthetic")
+        decayed_set = checkpoint.load_arrays(cells / decayed / "runs" / "0", "synthetic")
+        for name in ("images", "labels"):
+            np.testing.assert_array_equal(plain_set[name], decayed_set[name])
+        metrics = json.loads((cells / VAE_CELL / "metrics" / "metrics.json").read_text())
+        scores = metrics["fidelity"]
+        assert scores["frechet_distance_proxy"] > 0
+        assert 0 <= scores["precision"] <= 1
+        assert 0 <= scores["recall"] <= 1
+        assert "Fidelity of the synthetic sets (proxy, not FID)" in (out / "report.md").read_text()
 
     def test_start_over_deletes_results(self, reference, tmp_path, tiny):
         out = _copy(reference, tmp_path)
