@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import chex
@@ -409,3 +410,20 @@ def test_family_is_registered():
     assert family is diffusion.FAMILY
     for name in ("num_epochs", "batch_size", "learning_rate", "noise_multiplicity"):
         assert name in family.default_config
+
+
+def test_fits_and_scores_of_one_config_compile_once(tiny_state, digits, caplog):
+    images, labels = digits[0][:48], digits[1][:48]
+    # A learning rate no other test uses, so nothing compiled these programs before.
+    config = {**TINY, "num_epochs": 1, "batch_size": 16, "learning_rate": 1.234e-3}
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        for seed in (0, 1):
+            fitted = diffusion.FAMILY.fit(
+                jax.random.key(seed), tiny_state, images, labels, config=config
+            )
+            diffusion.FAMILY.member_scores(
+                jax.random.key(seed), fitted.state, images[:8], labels[:8], config=config
+            )
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "Compiling jit(step)" in m]) == 1
+    assert len([m for m in messages if "Compiling jit(score_chunk)" in m]) == 1

@@ -581,15 +581,33 @@ def _init_params(key: jax.Array, model: UNet, image_shape: tuple[int, ...]) -> A
 
 
 def make_family_loss(state: dict[str, Any], config: dict[str, Any]):
-    """Build the per-example training loss of `state`'s U-Net under `config`."""
+    """Build the per-example training loss of `state`'s U-Net under `config`.
+
+    Equal options give the same loss object, so that `training.fit` reuses its compiled steps
+    across the target and shadow fits of an experiment.
+    """
     config = _check_config(config)
-    return make_per_example_loss(
-        _unet(config, state["num_classes"]),
+    return _training_functions(state["num_classes"], _frozen(config))[0]
+
+
+def _frozen(config: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in config.items()))
+
+
+@functools.lru_cache(maxsize=16)
+def _training_functions(num_classes: int, frozen_config: tuple):
+    # One loss and optimizer object per configuration. Building them afresh for every fit
+    # compiled the U-Net's steps again each time, and `training.fit`'s step cache kept up to
+    # 32 of those compilations alive.
+    config = dict(frozen_config)
+    loss = make_per_example_loss(
+        _unet(config, num_classes),
         make_schedule(config["beta_schedule"], config["num_timesteps"]),
-        num_classes=state["num_classes"],
+        num_classes=num_classes,
         noise_multiplicity=config["noise_multiplicity"],
         label_dropout=config["label_dropout"],
     )
+    return loss, optax.adam(config["learning_rate"])
 
 
 def make_dp_config(privacy: PrivacySpec, config: dict[str, Any]) -> dp_sgd.DpSgdConfig:
@@ -651,8 +669,7 @@ def fit(
     config = _check_config(config)
     labels = _check_labels(labels, state["num_classes"])
     images = _check_images(images, labels, state["image_shape"])
-    loss = make_family_loss(state, config)
-    optimizer = optax.adam(config["learning_rate"])
+    loss, optimizer = _training_functions(state["num_classes"], _frozen(config))
 
     dp_config, ledger = None, None
     if privacy is None:
@@ -816,11 +833,32 @@ def member_scores(
     config = _check_config(config)
     labels = _check_labels(labels, state["num_classes"])
     images = _check_images(images, labels, state["image_shape"])
+    num_timesteps = len(member_timesteps(config))
+    score_chunk = _member_score_function(
+        state["num_classes"], tuple(state["image_shape"]), _frozen(config)
+    )
+    chunk_size = max(1, min(config["sampling_batch_size"] // num_timesteps, len(labels)))
+    scores = []
+    for start in range(0, len(labels), chunk_size):
+        chunk_labels = labels[start : start + chunk_size]
+        padding = chunk_size - chunk_labels.size
+        chunk_images = np.pad(images[start : start + chunk_size], ((0, padding),) + ((0, 0),) * 3)
+        chunk_scores = score_chunk(
+            state["params"], chunk_images, np.pad(chunk_labels, (0, padding))
+        )
+        scores.append(np.asarray(chunk_scores)[: chunk_labels.size])
+    return np.concatenate(scores).astype(np.float32) if scores else np.zeros((0,), np.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def _member_score_function(num_classes: int, image_shape: tuple[int, ...], frozen_config: tuple):
+    # Cached per configuration, so the target and shadow generators share one compilation.
+    config = dict(frozen_config)
     timesteps = jnp.asarray(member_timesteps(config))
     noise = jax.random.normal(
-        jax.random.key(config["member_noise_seed"]), (timesteps.shape[0], *state["image_shape"])
+        jax.random.key(config["member_noise_seed"]), (timesteps.shape[0], *image_shape)
     )
-    model = _unet(config, state["num_classes"])
+    model = _unet(config, num_classes)
     schedule = make_schedule(config["beta_schedule"], config["num_timesteps"])
 
     @jax.jit
@@ -833,17 +871,7 @@ def member_scores(
 
         return jax.vmap(score_one)(chunk_images, chunk_labels)
 
-    chunk_size = max(1, min(config["sampling_batch_size"] // timesteps.shape[0], len(labels)))
-    scores = []
-    for start in range(0, len(labels), chunk_size):
-        chunk_labels = labels[start : start + chunk_size]
-        padding = chunk_size - chunk_labels.size
-        chunk_images = np.pad(images[start : start + chunk_size], ((0, padding),) + ((0, 0),) * 3)
-        chunk_scores = score_chunk(
-            state["params"], chunk_images, np.pad(chunk_labels, (0, padding))
-        )
-        scores.append(np.asarray(chunk_scores)[: chunk_labels.size])
-    return np.concatenate(scores).astype(np.float32) if scores else np.zeros((0,), np.float32)
+    return score_chunk
 
 
 FAMILY = GeneratorFamily(
