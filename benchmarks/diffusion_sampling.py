@@ -132,9 +132,7 @@ def bench_sampling(
     samplers = {
         "scan": diffusion.make_sampler(config, image_shape=image_shape, num_classes=10),
         "loop": make_loop_sampler(config, image_shape=image_shape, num_classes=10),
-        "eager": make_loop_sampler(
-            config, image_shape=image_shape, num_classes=10, jit_step=False
-        ),
+        "eager": make_loop_sampler(config, image_shape=image_shape, num_classes=10, jit_step=False),
     }
     key = jax.random.key(1)
 
