@@ -1,6 +1,7 @@
 """Tests for the conditional GAN and DP-GAN (DP-SGD on the discriminator)."""
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -278,3 +279,31 @@ class TestTraining:
         assert result.ledger.epsilon(1e-5, accountant="rdp") <= 3.0
         assert len(result.history["discriminator_loss"]) == 20
         assert np.all(np.isfinite(result.history["generator_loss"]))
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_second_fit_of_one_config_compiles_nothing(state_8x8, digits, private, caplog):
+    images, labels = digits[0][:200], digits[1][:200]
+    # A learning rate no other test uses, so nothing compiled these steps before.
+    config = _config(batch_size=50, learning_rate=1.234e-3)
+    privacy = None
+    if private:
+        privacy = base.PrivacySpec(target_epsilon=5.0, target_delta=1e-5, dataset_size=200)
+
+    def compilations():
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.getMessage().startswith("Compiling jit(")
+            and any(
+                name in r.getMessage()
+                for name in ("generator_step", "discriminator_step", "discriminator_clipped")
+            )
+        ]
+
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        gan.fit(jax.random.key(1), state_8x8, images, labels, config=config, privacy=privacy)
+        first = compilations()
+        gan.fit(jax.random.key(2), state_8x8, images, labels, config=config, privacy=privacy)
+        assert first
+        assert compilations() == first

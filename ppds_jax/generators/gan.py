@@ -300,6 +300,44 @@ def _optimizer(config) -> optax.GradientTransformation:
     return optax.adam(float(config["learning_rate"]), b1=float(config["adam_b1"]))
 
 
+# The options that the jitted steps close over.
+_STEP_OPTIONS = ("generator_width", "discriminator_width", "latent_dim", "learning_rate", "adam_b1")
+
+
+@functools.lru_cache(maxsize=16)
+def _step_functions(image_shape, num_classes, step_options, batch_size, l2_norm_clip):
+    """Build the jitted steps once per configuration, so shadow GANs reuse their compilations.
+
+    `l2_norm_clip` is None for non-private training, which needs no clipped-gradient step.
+    """
+    config = dict(step_options)
+    generator, discriminator = _modules(
+        {"image_shape": image_shape, "num_classes": num_classes}, config
+    )
+    optimizer = _optimizer(config)
+    models = dict(
+        generator=generator,
+        discriminator=discriminator,
+        latent_dim=int(config["latent_dim"]),
+        num_classes=num_classes,
+    )
+    steps = {
+        "optimizer": optimizer,
+        "generator_update": jax.jit(
+            functools.partial(generator_step, optimizer=optimizer, num_samples=batch_size, **models)
+        ),
+    }
+    if l2_norm_clip is None:
+        steps["discriminator_update"] = jax.jit(
+            functools.partial(discriminator_step, optimizer=optimizer, **models)
+        )
+    else:
+        steps["chunk_clipped_sum"] = jax.jit(
+            functools.partial(discriminator_clipped_grad_sum, l2_norm_clip=l2_norm_clip, **models)
+        )
+    return steps
+
+
 def fit(
     key, state, images, labels, *, config, privacy: PrivacySpec | None = None, progress=False
 ) -> FitResult:
@@ -341,29 +379,23 @@ def fit(
     if batch_size > dataset_size:
         raise ValueError(f"batch_size={batch_size} must be <= dataset_size={dataset_size}")
     num_steps = int(config["num_epochs"]) * math.ceil(dataset_size / batch_size)
-    generator, discriminator = _modules(state, config)
-    optimizer = _optimizer(config)
-    models = dict(
-        generator=generator,
-        discriminator=discriminator,
-        latent_dim=int(config["latent_dim"]),
-        num_classes=state["num_classes"],
+    steps = _step_functions(
+        tuple(state["image_shape"]),
+        state["num_classes"],
+        tuple(sorted((k, config[k]) for k in _STEP_OPTIONS)),
+        batch_size,
+        None if privacy is None else float(privacy.l2_norm_clip),
     )
-    generator_update = jax.jit(
-        functools.partial(generator_step, optimizer=optimizer, num_samples=batch_size, **models)
-    )
+    optimizer, generator_update = steps["optimizer"], steps["generator_update"]
 
     if privacy is None:
-        discriminator_update = jax.jit(
-            functools.partial(discriminator_step, optimizer=optimizer, **models)
-        )
         params, history = _fit_non_private(
             key,
             state["params"],
             images,
             labels,
             optimizer=optimizer,
-            discriminator_update=discriminator_update,
+            discriminator_update=steps["discriminator_update"],
             generator_update=generator_update,
             num_steps=num_steps,
             batch_size=batch_size,
@@ -380,18 +412,13 @@ def fit(
         l2_norm_clip=privacy.l2_norm_clip,
         accountant=privacy.accountant,
     )
-    chunk_clipped_sum = jax.jit(
-        functools.partial(
-            discriminator_clipped_grad_sum, l2_norm_clip=dp_config.l2_norm_clip, **models
-        )
-    )
     params, history = _fit_private(
         key,
         state["params"],
         images,
         labels,
         optimizer=optimizer,
-        chunk_clipped_sum=chunk_clipped_sum,
+        chunk_clipped_sum=steps["chunk_clipped_sum"],
         generator_update=generator_update,
         dp_config=dp_config,
         progress=progress,
