@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import json
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -31,7 +30,15 @@ import dp_accounting
 import jax
 import numpy as np
 
-from ppds_jax import accounting, classifier, features, filtering, generators, sampling
+from ppds_jax import (
+    accounting,
+    checkpoint,
+    classifier,
+    features,
+    filtering,
+    generators,
+    sampling,
+)
 from ppds_jax.attacks import density, distance
 from ppds_jax.generators.base import PrivacySpec
 
@@ -415,7 +422,10 @@ def _cached(cache: StageCache | None, stage: str, digest: str, compute: Callable
 
 
 def _digest(key, *parts) -> str:
-    """SHA-256 over a PRNG key's data, the bytes, dtype and shape of arrays, and JSON options."""
+    """SHA-256 over a PRNG key's data, the bytes, dtype and shape of arrays, and options.
+
+    Options enter through `checkpoint.fingerprint`, their canonical JSON form.
+    """
     hasher = hashlib.sha256(np.asarray(jax.random.key_data(key)).tobytes())
     for part in parts:
         if isinstance(part, np.ndarray | jax.Array):
@@ -423,18 +433,8 @@ def _digest(key, *parts) -> str:
             hasher.update(f"{array.dtype}{array.shape}".encode())
             hasher.update(array.tobytes())
         else:
-            hasher.update(json.dumps(part, sort_keys=True, default=_json_default).encode())
+            hasher.update(checkpoint.fingerprint(part).encode())
     return hasher.hexdigest()
-
-
-def _json_default(value):
-    if isinstance(value, tuple | set | frozenset):
-        return list(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Mapping):
-        return dict(value)
-    raise TypeError(f"{type(value).__name__} cannot be part of a stage digest: {value!r}")
 
 
 def _sample_filtered(
