@@ -675,9 +675,9 @@ def mitigations() -> Grid:
     """Mitigations preset: every sampling strategy and mitigation on Fashion-MNIST, CPU-sized.
 
     Command: `python -m experiments.benchmark --preset mitigations --out runs/mitigations`
-    Runtime: 84 minutes on a 2-core CPU (85 cells, 425 pipeline runs, two invocations; the
-    report's runtime table sums 79 minutes of runs), about three quarters of it in the
-    diffusion cells.
+    Runtime: 84 minutes on a 2-core CPU in two invocations, for 85 cells and 425 pipeline
+    runs. The report's runtime table sums 79 minutes of runs, about three quarters of them in
+    the diffusion cells.
     Expected result (docs/results/grid_mitigations/report.md): the GAN's synthetic classifier
     comes closest to the real-data one (0.60 against 0.71 at epsilon inf) and beats the DP-SGD
     one at epsilon 10; the VAE and the diffusion model, trained for a few hundred steps, trail
@@ -696,8 +696,8 @@ def mitigations() -> Grid:
             "vae": {"num_epochs": 30, "batch_size": 64},
             "gan": {"num_epochs": 20, "batch_size": 64},
             "dp_merf": {"num_epochs": 10},
-            # The grid samples nearly 10 sets per member set, so sampling dominates. Ten DDIM
-            # steps without guidance cost a tenth of the defaults (50 steps, guidance 1).
+            # Per member set the grid samples about 9.5 times the member count, so sampling
+            # dominates. Ten DDIM steps without guidance cost a tenth of the defaults.
             "diffusion": {
                 "num_epochs": 40,
                 "batch_size": 64,

@@ -378,11 +378,11 @@ class StageCache:
     Runs that differ only in a classifier-stage option (a benchmark grid's weight decay, label
     smoothing or early stopping cells) train the same generator on the same members with the
     same key, and draw the same synthetic set. `run_pipeline` looks each stage up by a SHA-256
-    digest of its PRNG key, its input arrays and every option the stage reads, so a hit returns
-    what the stage would compute again, and a run with any other input computes afresh.
+    digest of its PRNG key, its input arrays and every option the stage reads. A hit therefore
+    returns what the stage would compute again, and a run with any other input computes afresh.
 
-    Entries live in memory; each stage keeps its `max_entries` most recently used ones. Cached
-    synthetic arrays are made read-only, because every run that hits shares them.
+    Entries live in memory, and each stage keeps its `max_entries` most recently used ones.
+    Cached synthetic arrays are made read-only, because every run that hits shares them.
 
     Attributes:
       hits, misses: stage name -> count of lookups that were reused or computed.
@@ -422,7 +422,7 @@ def _cached(cache: StageCache | None, stage: str, digest: str, compute: Callable
 
 
 def _digest(key, *parts) -> str:
-    """SHA-256 over a PRNG key's data, the bytes, dtype and shape of arrays, and options.
+    """Hash a PRNG key's data, the bytes, dtype and shape of arrays, and options with SHA-256.
 
     Options enter through `checkpoint.fingerprint`, their canonical JSON form.
     """

@@ -116,7 +116,7 @@ class TestGrid:
         assert {c.epsilon for c in cells} == {1.0, 10.0, math.inf}
         assert len({c.seed for c in cells}) >= 2
 
-    def test_mitigations_preset_covers_every_strategy_for_three_families(self):
+    def test_mitigations_preset_coverage(self):
         cells = grid.mitigations().cells()
         for family in ("vae", "gan", "diffusion"):
             for epsilon in (1.0, 10.0, math.inf):
@@ -133,7 +133,7 @@ class TestGrid:
             "early_stopping",
         }
 
-    def test_cells_reusing_a_synthetic_set_precede_those_that_change_it(self):
+    def test_set_reusing_cells_run_first(self):
         # `StageCache` keeps one entry per mask, so every cell that reuses the balanced set
         # must run before the privacy filter's cell draws sets of its own.
         names = [c.name for c in grid.mitigations().cells() if c.generator == "vae"]
@@ -363,7 +363,7 @@ class TestRunner:
         report = summary.report.read_text()
         assert f"Cells not finished: {VAE_CELL}." in report
 
-    def test_classifier_mitigation_reuses_generator_and_set(self, tiny, tmp_path):
+    def test_weight_decay_cell_reuses_stages(self, tiny, tmp_path):
         block = grid.Block(
             question="reuse",
             datasets=("digits",),
@@ -378,6 +378,7 @@ class TestRunner:
         )
         out = tmp_path / "out"
         benchmark.run(reuse, out, progress=False)
+
         decayed = "digits-vae-epsinf-balanced-weight_decay-seed0"
         cells = out / benchmark.CELLS_FOLDER
         for mask in range(5):
@@ -389,19 +390,23 @@ class TestRunner:
                 "generator",
                 "synthetic_set",
             ]
-            # Only the released classifier's signals: the cell evaluates only that release.
+            # The cell evaluates only the released classifier, so it records only its signals.
             signals = checkpoint.load_arrays(decayed_run, "signals")
             assert "synthetic_distance" not in signals
             assert "synthetic_distance" in checkpoint.load_arrays(plain_run, "signals")
+
         plain_set = checkpoint.load_arrays(cells / VAE_CELL / "runs" / "0", "synthetic")
         decayed_set = checkpoint.load_arrays(cells / decayed / "runs" / "0", "synthetic")
         for name in ("images", "labels"):
             np.testing.assert_array_equal(plain_set[name], decayed_set[name])
+
         metrics = json.loads((cells / VAE_CELL / "metrics" / "metrics.json").read_text())
         scores = metrics["fidelity"]
         assert scores["frechet_distance_proxy"] > 0
         assert 0 <= scores["precision"] <= 1
         assert 0 <= scores["recall"] <= 1
+        decayed_metrics = json.loads((cells / decayed / "metrics" / "metrics.json").read_text())
+        assert "fidelity" not in decayed_metrics
         assert "Fidelity of the synthetic sets (proxy, not FID)" in (out / "report.md").read_text()
 
     def test_start_over_deletes_results(self, reference, tmp_path, tiny):

@@ -412,7 +412,7 @@ def test_family_is_registered():
         assert name in family.default_config
 
 
-def test_fits_and_scores_of_one_config_compile_once(tiny_state, digits, caplog):
+def test_repeat_fit_and_score_compile_once(tiny_state, digits, caplog):
     images, labels = digits[0][:48], digits[1][:48]
     # A learning rate no other test uses, so nothing compiled these programs before.
     config = {**TINY, "num_epochs": 1, "batch_size": 16, "learning_rate": 1.234e-3}

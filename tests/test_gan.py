@@ -282,7 +282,7 @@ class TestTraining:
 
 
 @pytest.mark.parametrize("private", [False, True])
-def test_second_fit_of_one_config_compiles_nothing(state_8x8, digits, private, caplog):
+def test_repeat_fit_compiles_nothing(state_8x8, digits, private, caplog):
     images, labels = digits[0][:200], digits[1][:200]
     # A learning rate no other test uses, so nothing compiled these steps before.
     config = _config(batch_size=50, learning_rate=1.234e-3)

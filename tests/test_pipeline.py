@@ -302,7 +302,7 @@ class TestStageCache:
         assert counted == {"fit": 2, "sample": 2}
         assert not cache.hits
 
-    def test_least_recently_used_entry_is_dropped(self, counted):
+    def test_oldest_entry_is_dropped(self, counted):
         images, labels = _members()
         other_images, other_labels = _members(seed=1)
         cache = pipeline.StageCache(max_entries=1)
@@ -348,11 +348,11 @@ class TestCollectSignalsReleases:
             releases=releases,
         )
 
-    def test_classifier_release_skips_synthetic_set_signals(self, output):
+    def test_classifier_release_skips_set_signals(self, output):
         signals = self._signals(output, ("synthetic_classifier",))
         assert set(signals) == {"logits", "population_logits", "synthetic_set_size"}
 
-    def test_synthetic_data_release_skips_white_box_score(self, output):
+    def test_data_release_skips_white_box_score(self, output):
         signals = self._signals(output, ("synthetic_data",))
         assert {"synthetic_distance", "synthetic_feature_distance", "density_ratio"} <= set(signals)
         assert "generator_score" not in signals
